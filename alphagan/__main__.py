@@ -1,0 +1,5 @@
+import sys
+
+from alphagan.cli import main
+
+sys.exit(main())

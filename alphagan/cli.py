@@ -1,0 +1,186 @@
+"""`python -m alphagan COMMAND ...`: synth, prepare, train, sample, course."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from alphagan.config import MODELS, PROFILES
+
+
+def _size(text: str) -> int:
+    """`64` or `1mm` (the template's native grid, 0 internally)."""
+    if text.lower() in ("1mm", "native", "0"):
+        return 0
+    return int(text)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from alphagan.data.synth import make_cohort
+
+    out = make_cohort(args.out, args.n, size=args.size, kind=args.kind, contrast=args.contrast, seed=args.seed)
+    print(f"wrote {args.n} subjects and participants.tsv to {out}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from alphagan.data.prepare import prepare
+
+    try:
+        result = prepare(
+            args.src,
+            args.out,
+            size=args.size,
+            layout=args.layout,
+            modality=args.modality,
+            stretch=args.stretch,
+            workers=args.workers,
+        )
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        print(f"prepare: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{result.out}: {result.written} volumes written, {result.reused} unchanged, "
+        f"{len(result.rejected)} rejected (see {result.out / 'rejected.tsv'})"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from alphagan.config import default_profile, make_config
+    from alphagan.train import TrainingDiverged, train
+
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "size",
+            "width",
+            "latent",
+            "batch",
+            "iters",
+            "seed",
+            "lr",
+            "precision",
+            "device",
+            "g_steps",
+            "d_steps",
+            "n_subjects",
+            "log_every",
+            "sample_every",
+            "ckpt_every",
+        )
+    }
+    overrides.update(channels_last=args.channels_last or None, compile=args.compile or None)
+    cfg = make_config(args.profile or default_profile(), args.model, **overrides)
+    try:
+        out = train(cfg, args.data, args.out, resume=args.resume)
+    except TrainingDiverged as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+    print(f"run folder: {out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from alphagan.checkpoint import load_checkpoint
+    from alphagan.config import Config
+    from alphagan.models import Generator
+    from alphagan.sampling import calibrated_generator, generate, save_nifti
+    from alphagan.viz import use_headless_backend, volume_grid
+
+    use_headless_backend()
+    state = load_checkpoint(args.checkpoint)
+    cfg = Config.from_dict(state["config"])
+    G = Generator(cfg.size, cfg.width, cfg.latent)
+    G.load_state_dict(state["nets"]["G"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    G = calibrated_generator(G.to(device), cfg.latent, batch=cfg.batch, seed=args.seed)
+    volumes = generate(G, args.n, cfg.latent, seed=args.seed)
+    out = Path(args.out)
+    for i, volume in enumerate(volumes):
+        save_nifti(volume, out / f"sample_{i:04d}.nii.gz", state["fov_mm"])
+    volume_grid(list(volumes[:32]), title=f"{cfg.model}, iteration {state['iter']}").savefig(
+        out / "samples.png", dpi=90
+    )
+    print(f"wrote {args.n} NIfTI volumes and samples.png to {out}")
+    return 0
+
+
+def cmd_course(args: argparse.Namespace) -> int:
+    from alphagan.course import run_course
+
+    return run_course(profile=args.profile, only=args.only, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m alphagan", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic cohort of brain volumes (NIfTI + participants.tsv)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--size", type=_size, default=64, help="edge of the cube, or 1mm for the template's grid")
+    p.add_argument("--kind", choices=("normal", "tumor", "stroke"), default="normal")
+    p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="preprocess NIfTI/MGH volumes into a training cache")
+    p.add_argument("--src", required=True, help="a folder or a glob pattern")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--layout", default="auto", choices=("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon"))
+    p.add_argument("--modality", default=None, help="e.g. t1, t2, flair (layout-dependent)")
+    p.add_argument("--stretch", action="store_true", help="resize each axis to the cube (the authors' way)")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model")
+    p.add_argument("--data", required=True, help="a prepared cache folder, or synth[:kind[:contrast]]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", choices=MODELS, default="alpha-wgan-gp")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: paper on a GPU, else cpu")
+    for name, kind in (
+        ("size", int),
+        ("width", int),
+        ("latent", int),
+        ("batch", int),
+        ("iters", int),
+        ("seed", int),
+        ("lr", float),
+        ("g-steps", int),
+        ("d-steps", int),
+        ("n-subjects", int),
+        ("log-every", int),
+        ("sample-every", int),
+        ("ckpt-every", int),
+    ):
+        p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate volumes from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file or a folder of them")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("course", help="run the notebooks in order into a run folder")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: paper on a GPU, else cpu")
+    p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,03")
+    p.add_argument("--out", default=None, help="default: runs/course-<profile>-<time>")
+    p.set_defaults(func=cmd_course)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

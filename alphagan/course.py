@@ -1,0 +1,107 @@
+"""The course runner: execute the notebooks in order with papermill into one run folder, then summarise.
+
+Each notebook gets `profile` and `run_dir` through its `parameters` cell and writes what it makes (figures,
+NIfTI files, metrics) under `run_dir`; the executed notebooks land there too. A failing notebook stops the run
+with the notebook's name and the cell that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def notebooks(only: str | None = None, directory: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The course's notebooks in order, or those whose number is in the comma-separated `only`."""
+    found = sorted(directory.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"no notebooks in {directory}: run the course from a clone of the repository")
+    if only:
+        wanted = {w.strip().zfill(2) for w in only.split(",") if w.strip()}
+        unknown = wanted - {p.name[:2] for p in found}
+        if unknown:
+            raise ValueError(f"no notebook numbered {sorted(unknown)}; there are {[p.name[:2] for p in found]}")
+        found = [p for p in found if p.name[:2] in wanted]
+    return found
+
+
+def _failed_cell(executed: Path) -> str:
+    """Where an executed notebook stopped: the first cell with an error output."""
+    try:
+        nb = json.loads(executed.read_text())
+    except (OSError, ValueError):
+        return "unknown cell"
+    for index, cell in enumerate(nb.get("cells", [])):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                first = "".join(cell.get("source", "")).strip().splitlines()[:1]
+                where = first[0][:60] if first else "empty"
+                return f"cell {index} ({where}): {output.get('ename')}: {output.get('evalue')}"
+    return "unknown cell"
+
+
+def _summary(run_dir: Path, timings: list[tuple[str, float]], profile: str) -> Path:
+    """A Markdown page with each notebook's time and the figures and numbers it saved."""
+    lines = [f"# Course run, profile `{profile}`", "", "| notebook | minutes |", "|---|---|"]
+    lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings]
+    for name, _ in timings:
+        stem = Path(name).stem
+        folder = run_dir / stem
+        lines += ["", f"## {stem}", ""]
+        for key_file in sorted(folder.glob("*.json")):
+            lines += [f"`{key_file.name}`:", "", "```json", key_file.read_text().strip()[:2000], "```", ""]
+        for figure in sorted(folder.glob("*.png")):
+            lines.append(f"![{figure.stem}]({figure.relative_to(run_dir)})")
+    path = run_dir / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_course(
+    profile: str | None = None,
+    only: str | None = None,
+    out: str | Path | None = None,
+    extra_parameters: dict | None = None,
+) -> int:
+    """Run the notebooks; 0 when all ran, 1 with a message naming the notebook and cell otherwise."""
+    import papermill
+
+    from alphagan.config import default_profile
+
+    profile = profile or default_profile()
+    run_dir = Path(out) if out else Path("runs") / f"course-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir.resolve()
+    selected = notebooks(only)
+    print(f"course: profile {profile}, {len(selected)} notebooks, run folder {run_dir}", flush=True)
+    timings: list[tuple[str, float]] = []
+    for i, notebook in enumerate(selected, 1):
+        executed = run_dir / notebook.name
+        print(f"[{i}/{len(selected)}] {notebook.name} ...", end=" ", flush=True)
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(notebook),
+                str(executed),
+                cwd=str(notebook.parent),
+                progress_bar=False,
+                parameters={"profile": profile, "run_dir": str(run_dir / notebook.stem), **(extra_parameters or {})},
+            )
+        except Exception as exc:  # papermill raises PapermillExecutionError, kernels may die otherwise
+            print("FAILED", flush=True)
+            print(
+                f"course: {notebook.name} failed at {_failed_cell(executed)}\n"
+                f"  executed notebook: {executed}\n  {type(exc).__name__}",
+                file=sys.stderr,
+            )
+            return 1
+        seconds = time.perf_counter() - start
+        timings.append((notebook.name, seconds))
+        print(f"done in {seconds / 60:.1f} min", flush=True)
+    summary = _summary(run_dir, timings, profile)
+    print(f"course: all {len(selected)} notebooks ran; summary: {summary}")
+    return 0

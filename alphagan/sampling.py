@@ -1,0 +1,75 @@
+"""Drawing volumes from a trained generator, with BatchNorm statistics that belong to random codes.
+
+During alpha-GAN training the generator's BatchNorm running statistics average batches of encoder codes with
+batches of N(0, I) codes. Early in training the encoder's codes are far from N(0, I) (SPEC.md measured a
+standard deviation of about 4.3), so sampling in eval mode with those statistics can give a constant volume.
+The authors sampled in train mode (batch statistics), which makes a sample depend on the others in its batch.
+We do neither: before sampling, the generator's running statistics are recomputed on N(0, I) codes only
+(`calibrated_generator`), then the generator runs in eval mode, one volume independent of the next.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from alphagan.data.space import DEFAULT_FOV_MM, cube_affine
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    generator: nn.Module, latent: int, batch: int = 8, batches: int = 32, seed: int = 0
+) -> nn.Module:
+    """Replace every BatchNorm's running mean and variance by their average over N(0, I) code batches."""
+    device = next(generator.parameters()).device
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts the same
+    gen = torch.Generator().manual_seed(seed)
+    generator.train()
+    for _ in range(batches):
+        generator(torch.randn(batch, latent, generator=gen).to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return generator.eval()
+
+
+def calibrated_generator(
+    generator: nn.Module, latent: int, batch: int = 8, batches: int = 32, seed: int = 0
+) -> nn.Module:
+    """A copy of `generator` in eval mode with recalibrated statistics; the original is left untouched."""
+    return recalibrate_batchnorm(copy.deepcopy(generator), latent, batch, batches, seed)
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, n: int, latent: int, seed: int = 0, batch: int = 8) -> torch.Tensor:
+    """n volumes (n, 1, S, S, S) on the CPU from codes z ~ N(0, I) drawn with `seed`."""
+    device = next(generator.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, latent, generator=gen)
+    return torch.cat([generator(z[i : i + batch].to(device)).float().cpu() for i in range(0, n, batch)])
+
+
+def save_nifti(volume, path: str | Path, fov_mm: float = DEFAULT_FOV_MM) -> Path:
+    """Save one (S, S, S) or (1, S, S, S) volume as NIfTI in the course's MNI-centred RAS space, atomically."""
+    array = volume.detach().float().cpu().numpy() if hasattr(volume, "detach") else np.asarray(volume, np.float32)
+    array = array.reshape(array.shape[-3:]).astype(np.float32)
+    affine = cube_affine(array.shape[0], fov_mm)
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_qform(affine, code=4)
+    img.header.set_sform(affine, code=4)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,235 @@
+"""Pictures of volumes: three-plane views, grids of centre cuts, loss curves and an interactive slice viewer.
+
+Volumes are arrays indexed (x, y, z) in RAS order, as everywhere in the course. Slices are drawn in the
+neurological convention: the subject's left on the picture's left, superior (or anterior, in axial cuts) at
+the top.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+
+PLANES = ("sagittal", "coronal", "axial")
+_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def _as_array(volume) -> np.ndarray:
+    """Accept numpy arrays, torch tensors and (1, X, Y, Z) channel-first volumes."""
+    if hasattr(volume, "detach"):
+        volume = volume.detach().float().cpu().numpy()
+    volume = np.asarray(volume)
+    if volume.ndim == 4 and volume.shape[0] == 1:
+        volume = volume[0]
+    if volume.ndim != 3:
+        raise ValueError(f"expected a 3-D volume, got shape {volume.shape}")
+    return volume
+
+
+def plane_slice(volume, plane: str, index: int | None = None) -> np.ndarray:
+    """The 2-D image of slice `index` (default: the centre) in `plane`, oriented for `imshow`.
+
+    Rows run from superior (or anterior, for axial) at the top; columns from the subject's left or
+    posterior at the left (neurological convention).
+    """
+    volume = _as_array(volume)
+    axis = _AXIS[plane]
+    index = volume.shape[axis] // 2 if index is None else int(index)
+    if not 0 <= index < volume.shape[axis]:
+        raise IndexError(f"{plane} slice {index} is outside 0..{volume.shape[axis] - 1}")
+    image = np.take(volume, index, axis=axis)  # 2-D, the remaining axes in RAS order
+    return np.flipud(image.T)  # second remaining axis (up) to rows, top row = highest coordinate
+
+
+def three_plane(
+    volume,
+    title: str | None = None,
+    slices: Sequence[int | None] = (None, None, None),
+    cmap: str = "gray",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    axes=None,
+):
+    """Sagittal, coronal and axial cuts side by side, each labelled with its slice number (the paper's style)."""
+    import matplotlib.pyplot as plt
+
+    volume = _as_array(volume)
+    if axes is None:
+        fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    else:
+        fig = axes[0].figure
+    vmin = float(volume.min()) if vmin is None else vmin
+    vmax = float(volume.max()) if vmax is None else vmax
+    for ax, plane, index in zip(axes, PLANES, slices):
+        index = volume.shape[_AXIS[plane]] // 2 if index is None else index
+        ax.imshow(plane_slice(volume, plane, index), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_xlabel(f"{plane[:3].upper()} {index}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def volume_grid(
+    volumes,
+    plane: str = "axial",
+    ncols: int = 8,
+    titles: Sequence[str] | None = None,
+    cmap: str = "gray",
+    vmin: float | None = -1.0,
+    vmax: float | None = 1.0,
+    title: str | None = None,
+):
+    """Centre cuts of many volumes in one grid (like the paper's Fig. 2)."""
+    import matplotlib.pyplot as plt
+
+    volumes = [_as_array(v) for v in volumes]
+    n = len(volumes)
+    if n == 0:
+        raise ValueError("no volumes to show")
+    ncols = min(ncols, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.7 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(plane_slice(volumes[i], plane), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def planes_grid(
+    volumes,
+    titles: Sequence[str] | None = None,
+    cmap: str = "gray",
+    vmin: float | None = -1.0,
+    vmax: float | None = 1.0,
+    title: str | None = None,
+):
+    """One row of three centre cuts per volume: the picture saved during training."""
+    import matplotlib.pyplot as plt
+
+    volumes = [_as_array(v) for v in volumes]
+    fig, axes = plt.subplots(len(volumes), 3, figsize=(6, 2.0 * len(volumes)), squeeze=False)
+    for row, volume in enumerate(volumes):
+        three_plane(volume, cmap=cmap, vmin=vmin, vmax=vmax, axes=axes[row])
+        if titles is not None:
+            axes[row][0].set_ylabel(titles[row], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(records: Sequence[dict], keys: Sequence[str] | None = None, title: str | None = None):
+    """Plot the logged terms against the iteration, one panel per term."""
+    import matplotlib.pyplot as plt
+
+    if not records:
+        raise ValueError("no logged records to plot")
+    keys = list(keys) if keys is not None else [k for k in records[0] if k not in ("iter", "time")]
+    ncols = min(3, len(keys))
+    nrows = (len(keys) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 2.6 * nrows), squeeze=False)
+    iters = [r["iter"] for r in records]
+    for ax, key in zip(axes.flat, keys):
+        ax.plot(iters, [r.get(key, np.nan) for r in records], lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.axhline(0.0, color="0.7", lw=0.5)
+        ax.set_xlabel("iteration", fontsize=8)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _png(image: np.ndarray, cmap: str, vmin: float, vmax: float, scale: int) -> bytes:
+    """A slice as PNG bytes, each voxel drawn as a `scale` x `scale` square."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    norm = np.clip((image - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    rgba = (colormaps[cmap](norm) * 255).astype(np.uint8)
+    rgba = np.repeat(np.repeat(rgba, scale, axis=0), scale, axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def has_widget_frontend() -> bool:
+    """True inside a Jupyter kernel with ipywidgets installed (JupyterLab, Notebook, Colab)."""
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def slice_viewer(
+    volumes,
+    names: Sequence[str] | None = None,
+    cmap: str = "gray",
+    interactive: bool | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    display_size: int = 256,
+):
+    """Several volumes side by side with a plane selector and a slice slider.
+
+    Returns an ipywidgets box in a Jupyter front end. With `interactive=False` (or no widget front end), it
+    returns a static three-plane figure per volume instead, so that papermill and plain scripts still show
+    something useful. The slider's picture is rendered to PNG in the kernel, so no front-end extension beyond
+    ipywidgets' own is needed (JupyterLab 4 and Colab ship it).
+    """
+    vols = [_as_array(v) for v in (volumes if isinstance(volumes, (list, tuple)) else [volumes])]
+    names = list(names) if names is not None else [f"volume {i}" for i in range(len(vols))]
+    vmin = min(float(v.min()) for v in vols) if vmin is None else vmin
+    vmax = max(float(v.max()) for v in vols) if vmax is None else vmax
+    if interactive is None:
+        interactive = has_widget_frontend()
+    if not interactive:
+        return planes_grid(vols, titles=names, cmap=cmap, vmin=vmin, vmax=vmax)
+
+    import ipywidgets as widgets
+
+    plane = widgets.ToggleButtons(options=list(PLANES), value="axial", description="plane")
+    size = vols[0].shape[_AXIS["axial"]]
+    slider = widgets.IntSlider(value=size // 2, min=0, max=size - 1, description="slice", continuous_update=True)
+    scale = max(1, display_size // max(vols[0].shape))
+    images = [widgets.Image(format="png") for _ in vols]
+    captions = [widgets.Label(n) for n in names]
+
+    def render(*_):
+        for volume, image, caption, name in zip(vols, images, captions, names):
+            index = min(slider.value, volume.shape[_AXIS[plane.value]] - 1)
+            image.value = _png(plane_slice(volume, plane.value, index), cmap, vmin, vmax, scale)
+            caption.value = f"{name}: {plane.value} {index}"
+
+    def on_plane(change):
+        slider.max = vols[0].shape[_AXIS[change["new"]]] - 1
+        slider.value = min(slider.value, slider.max)
+        render()
+
+    plane.observe(on_plane, names="value")
+    slider.observe(render, names="value")
+    render()
+    columns = [widgets.VBox([img, cap]) for img, cap in zip(images, captions)]
+    return widgets.VBox([plane, slider, widgets.HBox(columns)], layout=widgets.Layout(align_items="flex-start"))
+
+
+def use_headless_backend() -> None:
+    """Select the Agg backend when no display is available (command line, CI)."""
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
