@@ -74,11 +74,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides.update(channels_last=args.channels_last or None, compile=args.compile or None)
     cfg = make_config(args.profile or default_profile(), args.model, **overrides)
     try:
-        out = train(cfg, args.data, args.out, resume=args.resume)
+        result = train(cfg, args.data, args.out, resume=args.resume)
     except TrainingDiverged as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
-    print(f"run folder: {out}")
+    print(f"run folder: {result.out}")
     return 0
 
 

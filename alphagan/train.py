@@ -8,9 +8,11 @@ While one network is updated the others are frozen (requires_grad off), so no st
 in a network it must not change.
 
 Run it with `python -m alphagan train ...`, or for several GPUs `torchrun --nproc_per_node=K -m alphagan train ...`
-(DistributedDataParallel: each process draws its own batches; BatchNorm normalises with each process's own
-batch statistics, like single-GPU training at the same per-GPU batch, and the running statistics are those of
-rank 0, broadcast by DDP at every forward).
+(DistributedDataParallel: each process draws its own batches and gradients are averaged. BatchNorm normalises
+with each process's own batch statistics, like single-GPU training at the same per-GPU batch; SyncBatchNorm
+would change the statistics the paper's batch of 4 gives. The running statistics, which each process updates
+from its own data, are averaged over the processes before every checkpoint and at the end, so that all ranks
+hold identical networks and the saved statistics have seen every process's data.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,16 @@ RUN_DEFINING = (
     "seed",
     "precision",
 )
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves: its folder, the trained networks (plain modules, on their device) and settings."""
+
+    out: Path
+    nets: dict[str, nn.Module]
+    config: Config
+    fov_mm: float
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,7 +108,7 @@ def _check_finite(terms: dict[str, torch.Tensor], iteration: int) -> None:
         )
 
 
-def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
+def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train `cfg.model` on `data` (a cache folder or `synth[:kind[:contrast]]`), writing everything to `out`."""
     from tqdm.auto import tqdm
 
@@ -180,7 +193,10 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
             net.load_state_dict(state["nets"][k])
         for k, opt in optimisers.items():
             opt.load_state_dict(state["optimisers"][k])
-        rng.set_state(state["rng"][rank])
+        rng.set_state(state["rng"][rank]["loop"])
+        torch.set_rng_state(state["rng"][rank]["torch"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
         start = state["iter"]
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +214,7 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
     def update(group: str, loss: torch.Tensor, terms: dict, it: int) -> None:
-        _check_finite(terms, it)
+        _check_finite(terms, it + 1)  # iterations are counted from 1 in logs and checkpoints
         optimisers[group].zero_grad(set_to_none=True)
         loss.backward()
         optimisers[group].step()
@@ -232,11 +248,23 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
         fig.savefig(out / "samples" / f"iter_{it:06d}.png", dpi=80)
         plt.close(fig)
 
+    def average_running_statistics() -> None:
+        for net in nets.values():
+            for buffer in net.buffers():
+                if buffer.is_floating_point():
+                    dist.all_reduce(buffer)
+                    buffer /= world
+
     def checkpoint(it: int) -> None:
-        rng_states = [rng.get_state()]
-        if distributed:  # every rank's data stream, so a resumed multi-GPU run continues each of them
-            rng_states = [torch.empty_like(rng_states[0]) for _ in range(world)]
-            dist.all_gather(rng_states, rng.get_state())
+        # The loop's generator, and torch's global ones (the penalty's mixing weights are drawn from those).
+        rng_state = {"loop": rng.get_state(), "torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng_state["cuda"] = torch.cuda.get_rng_state(device)
+        rng_states = [rng_state]
+        if distributed:  # every rank's streams, so a resumed multi-GPU run continues each of them
+            average_running_statistics()
+            rng_states = [None] * world
+            dist.all_gather_object(rng_states, rng_state)
         if master:
             save_checkpoint(
                 ckpt_dir,
@@ -247,7 +275,7 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
                     "fov_mm": fov_mm,
                     "nets": {k: v.state_dict() for k, v in nets.items()},
                     "optimisers": {k: v.state_dict() for k, v in optimisers.items()},
-                    "rng": [s.cpu() for s in rng_states],
+                    "rng": rng_states,
                 },
                 keep=cfg.keep_ckpts,
             )
@@ -335,4 +363,4 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-    return out
+    return TrainResult(out, nets, cfg, fov_mm)

@@ -368,24 +368,11 @@ def _write_cache(
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    volumes = np.lib.format.open_memmap(
-        tmp / "volumes.npy", mode="w+", dtype=np.float32, shape=(len(good), settings.size, settings.size, settings.size)
-    )
-    for i, (_, volume) in enumerate(good):
-        volumes[i] = volume
-    volumes.flush()
-    del volumes
-    fields = list(Entry.__dataclass_fields__)
-    with open(tmp / "manifest.tsv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t")
-        writer.writeheader()
-        for entry, _ in good:
-            writer.writerow(asdict(entry))
-    with open(tmp / "rejected.tsv", "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["source", "reason"])
-        writer.writerows(rejected)
-    (tmp / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    try:
+        _write_cache_files(tmp, settings, good, rejected)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
@@ -393,6 +380,31 @@ def _write_cache(
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
+
+
+def _write_cache_files(
+    folder: Path, settings: Settings, good: list[tuple[Entry, np.ndarray]], rejected: list[tuple[str, str]]
+) -> None:
+    volumes = np.lib.format.open_memmap(
+        folder / "volumes.npy",
+        mode="w+",
+        dtype=np.float32,
+        shape=(len(good), settings.size, settings.size, settings.size),
+    )
+    for i, (_, volume) in enumerate(good):
+        volumes[i] = volume
+    volumes.flush()
+    del volumes
+    with open(folder / "manifest.tsv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(Entry.__dataclass_fields__), delimiter="\t")
+        writer.writeheader()
+        for entry, _ in good:
+            writer.writerow(asdict(entry))
+    with open(folder / "rejected.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["source", "reason"])
+        writer.writerows(rejected)
+    (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
 
 
 def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:

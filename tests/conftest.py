@@ -1,0 +1,16 @@
+import os
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+# Two cores: keep torch from oversubscribing when tests run beside notebook kernels.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def cohort_dir(tmp_path_factory):
+    """A small synthetic cohort at 32^3, written once for the whole session."""
+    from alphagan.data.synth import make_cohort
+
+    return make_cohort(tmp_path_factory.mktemp("cohort"), 6, size=32, seed=3, progress=False)

@@ -1,0 +1,83 @@
+"""Networks: the authors' parameter counts, every size, the stated initialisation, resize-convolution."""
+
+import pytest
+import torch
+from torch import nn
+
+from alphagan.models import (
+    CodeDiscriminator,
+    Discriminator,
+    Encoder,
+    Generator,
+    VariationalEncoder,
+    build_networks,
+    count_parameters,
+    reparameterise,
+)
+
+
+def test_parameter_counts_equal_the_authors_code():
+    # SPEC.md: counted on the authors' code at 64^3, latent 1000, width 64.
+    assert count_parameters(Generator(64, 64, 1000)) == 37_416_512
+    assert count_parameters(Encoder(64, 64, 1000)) == 43_785_896
+    assert count_parameters(Discriminator(64, 64)) == 11_049_665
+    assert count_parameters(CodeDiscriminator(1000, 4096)) == 20_901_889
+
+
+def _formula_discriminator(size, w):
+    """D's parameters counted by hand: conv weights + biases, BatchNorm weights + biases."""
+    total, c_in, c_out, s = 0, 1, w, size
+    while s > 4:
+        total += c_in * c_out * 64 + c_out + (2 * c_out if c_in > 1 else 0)
+        c_in, c_out, s = c_out, 2 * c_out, s // 2
+    return total + c_in * 64 + 1
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
+def test_every_size_and_width(size):
+    width, latent = 2, 7
+    G, D, E = Generator(size, width, latent), Discriminator(size, width), Encoder(size, width, latent)
+    x = G(torch.randn(2, latent))
+    assert x.shape == (2, 1, size, size, size)
+    assert x.abs().max() <= 1.0  # tanh
+    assert D(x).shape == (2, 1) and E(x).shape == (2, latent)
+    assert count_parameters(D) == _formula_discriminator(size, width)
+
+
+def test_bad_size_is_refused():
+    with pytest.raises(ValueError, match="power of two"):
+        Generator(48, 4, 8)
+
+
+def test_initialisation_is_dcgan():
+    torch.manual_seed(0)
+    D = Discriminator(64, 64)
+    conv, bn = D.trunk[2], D.trunk[3]
+    assert isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d)
+    assert abs(conv.weight.std().item() - 0.02) < 0.0005 and abs(conv.weight.mean().item()) < 0.0005
+    assert torch.all(conv.bias == 0)
+    assert abs(bn.weight.mean().item() - 1.0) < 0.01 and abs(bn.weight.std().item() - 0.02) < 0.005
+    assert torch.all(bn.bias == 0)
+
+
+def test_generator_uses_resize_convolution():
+    G = Generator(64, 4, 8)
+    kinds = [type(m) for m in G.net]
+    assert kinds.count(nn.ConvTranspose3d) == 1  # only the 1^3 -> 4^3 projection
+    assert kinds.count(nn.Upsample) == 4
+    assert all(m.mode == "nearest" for m in G.net if isinstance(m, nn.Upsample))
+
+
+def test_reparameterisation():
+    mean, logvar = torch.zeros(10000, 3), torch.log(torch.tensor([1.0, 4.0, 9.0])).expand(10000, 3)
+    z = reparameterise(mean, logvar, torch.randn(10000, 3, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(z.std(0), torch.tensor([1.0, 2.0, 3.0]), atol=0.06, rtol=0)
+    mean, logvar = VariationalEncoder(16, 2, 5)(torch.randn(2, 1, 16, 16, 16))
+    assert mean.shape == logvar.shape == (2, 5)
+
+
+def test_networks_per_model():
+    assert set(build_networks("alpha-wgan-gp", 16, 2, 4, 8)) == {"E", "G", "D", "C"}
+    assert set(build_networks("alpha-gan", 16, 2, 4, 8)) == {"E", "G", "D", "C"}
+    assert set(build_networks("wgan-gp", 16, 2, 4, 8)) == {"G", "D"}
+    assert isinstance(build_networks("vae-gan", 16, 2, 4, 8)["E"], VariationalEncoder)
