@@ -147,3 +147,19 @@ def default_profile() -> str:
     import torch
 
     return "paper" if torch.cuda.is_available() else "cpu"
+
+
+def device_banner(profile: str, cfg: Config, minutes: float | None = None) -> str:
+    """One line saying where this runs, with which settings and for how long, for the top of a notebook."""
+    import os
+
+    import torch
+
+    where = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    line = (
+        f"{where}: profile {profile}, {cfg.model}, {cfg.size}³ volumes, width {cfg.width}, latent {cfg.latent}, "
+        f"batch {cfg.batch}, {cfg.iters} iterations"
+    )
+    if minutes is None:
+        return line
+    return line + ("; under a minute" if minutes < 1 else f"; about {minutes:.0f} minutes")

@@ -65,7 +65,7 @@ def run_course(
     profile: str | None = None,
     only: str | None = None,
     out: str | Path | None = None,
-    extra_parameters: dict | None = None,
+    notebook_dir: Path = NOTEBOOK_DIR,
 ) -> int:
     """Run the notebooks; 0 when all ran, 1 with a message naming the notebook and cell otherwise."""
     import papermill
@@ -76,7 +76,7 @@ def run_course(
     run_dir = Path(out) if out else Path("runs") / f"course-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
-    selected = notebooks(only)
+    selected = notebooks(only, notebook_dir)
     print(f"course: profile {profile}, {len(selected)} notebooks, run folder {run_dir}", flush=True)
     timings: list[tuple[str, float]] = []
     for i, notebook in enumerate(selected, 1):
@@ -89,7 +89,7 @@ def run_course(
                 str(executed),
                 cwd=str(notebook.parent),
                 progress_bar=False,
-                parameters={"profile": profile, "run_dir": str(run_dir / notebook.stem), **(extra_parameters or {})},
+                parameters={"profile": profile, "run_dir": str(run_dir / notebook.stem)},
             )
         except Exception as exc:  # papermill raises PapermillExecutionError, kernels may die otherwise
             print("FAILED", flush=True)

@@ -162,3 +162,41 @@ def build_networks(model: str, size: int, width: int, latent: int, code_hidden: 
     elif model != "wgan-gp":
         raise ValueError(f"unknown model {model!r}")
     return nets
+
+
+def layer_shapes(net: nn.Module, x: torch.Tensor) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, layer type, output shape, parameters) for every leaf layer of `net` on input `x`."""
+    rows: list[tuple[str, str, tuple[int, ...], int]] = []
+    hooks = []
+    for name, module in net.named_modules():
+        if len(list(module.children())) == 0:
+
+            def hook(mod, _inputs, output, name=name):
+                rows.append((name, type(mod).__name__, tuple(output.shape), sum(p.numel() for p in mod.parameters())))
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            net.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train()
+    return rows
+
+
+def compare_upsampling(channels: int = 4, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upsample one smooth random volume x2 with a transposed convolution and with resize-convolution.
+
+    Both use random weights with the same initialisation; the transposed convolution's kernel overlaps
+    unevenly (kernel 4, stride 2), which prints a checkerboard on any input, while nearest upsampling followed
+    by a 3^3 convolution treats every output voxel alike (Odena et al., 2016).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.ones(1, channels, size, size, size) + 0.1 * torch.randn(1, channels, size, size, size, generator=g)
+    transposed = nn.ConvTranspose3d(channels, 1, 4, 2, 1, bias=False)
+    resize = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(channels, 1, 3, 1, 1, bias=False))
+    with torch.no_grad():
+        transposed.weight.copy_(torch.randn(transposed.weight.shape, generator=g) * 0.02)
+        resize[1].weight.copy_(torch.randn(resize[1].weight.shape, generator=g) * 0.02)
+        return transposed(x)[0, 0], resize(x)[0, 0]

@@ -288,9 +288,9 @@ def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal"
         "lesion_kind": lesion_kind,
         "lesion_ml": lesion_ml,
         "oedema_ml": oedema_ml,
-        "lesion_x_mm": lesion_centre[0],
-        "lesion_y_mm": lesion_centre[1],
-        "lesion_z_mm": lesion_centre[2],
+        "lesion_x_mm": float(lesion_centre[0]),
+        "lesion_y_mm": float(lesion_centre[1]),
+        "lesion_z_mm": float(lesion_centre[2]),
     }
     return Subject(image.numpy().astype(np.float32), affine, factors)
 
