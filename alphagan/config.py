@@ -38,7 +38,7 @@ class Config:
     device: str = "auto"
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 elsewhere)
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile E and G (not the critics: their penalty needs double backward)
     log_every: int = 10
     sample_every: int = 500
     ckpt_every: int = 1000

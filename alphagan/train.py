@@ -142,8 +142,8 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
     n_volumes = len(volumes)
     if n_volumes < cfg.batch:
         raise ValueError(f"{data}: {n_volumes} volumes, fewer than one batch of {cfg.batch}")
-    # All randomness of the loop (batches, augmentation, noise, penalty mixing) comes from this generator,
-    # whose state is checkpointed: a resumed run draws exactly what an uninterrupted one would.
+    # Batches, augmentation and noise come from this generator, the penalty's mixing weights from torch's global
+    # ones; all their states are checkpointed, so a resumed run draws exactly what an uninterrupted one would.
     rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     def next_batch() -> torch.Tensor:
@@ -170,9 +170,12 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
     # used frozen or under no_grad, so DDP only ever waits for gradients of the network being updated.
     train_nets = dict(nets)
     if distributed:
-        train_nets = {k: DDP(v, device_ids=[device.index] if device.type == "cuda" else None) for k, v in nets.items()}
+        ids = [device.index] if device.type == "cuda" else None
+        train_nets = {k: DDP(v, device_ids=ids, broadcast_buffers=False) for k, v in nets.items()}
     if cfg.compile:
-        train_nets = {k: torch.compile(v) for k, v in train_nets.items()}
+        # Only the generator side: the critics' gradient penalty differentiates twice (create_graph=True), which
+        # torch.compile's autograd does not support (measured: "does not currently support double backward").
+        train_nets = {k: torch.compile(v) if k in ("E", "G") else v for k, v in train_nets.items()}
 
     # ---- resume -------------------------------------------------------------------------------------------
     start = 0

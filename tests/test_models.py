@@ -81,3 +81,15 @@ def test_networks_per_model():
     assert set(build_networks("alpha-gan", 16, 2, 4, 8)) == {"E", "G", "D", "C"}
     assert set(build_networks("wgan-gp", 16, 2, 4, 8)) == {"G", "D"}
     assert isinstance(build_networks("vae-gan", 16, 2, 4, 8)["E"], VariationalEncoder)
+
+
+def test_transposed_convolution_prints_a_checkerboard_and_resize_convolution_does_not():
+    from alphagan.models import compare_upsampling
+
+    for seed in range(3):
+        transposed, resized = compare_upsampling(seed=seed)
+        # Interior voxels only: the borders of both differ for padding reasons.
+        t, r = transposed[2:-2, 2:-2, 2:-2], resized[2:-2, 2:-2, 2:-2]
+        contrast_t = (t[0::2] - t[1::2]).abs().mean() / t.abs().mean()
+        contrast_r = (r[0::2] - r[1::2]).abs().mean() / r.abs().mean()
+        assert contrast_t > 5 * contrast_r

@@ -275,3 +275,11 @@ def test_dataset_over_cache(tmp_path, cohort_dir):
     loader = torch.utils.data.DataLoader(dataset, batch_size=3)
     assert next(iter(loader)).shape == (3, 1, 16, 16, 16)
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_auto_layout_does_not_mistake_flat_t2_files_for_brats(tmp_path):
+    data, affine = brain_like()
+    for name in ("sub-tumor0000_t2", "sub-tumor0001_t2"):
+        save(data, tmp_path / f"{name}.nii.gz", affine)
+    assert prep.detect_layout(tmp_path) == "flat"
+    assert len(find_inputs(str(tmp_path))) == 2

@@ -110,3 +110,20 @@ def test_synth_command_writes_volumes_and_table(tmp_path):
     assert [r["subject"] for r in rows] == [p.name[: -len(".nii.gz")] for p in files]
     assert set(rows[0]) == set(FACTOR_COLUMNS)
     assert all(r["lesion_kind"].startswith("stroke") for r in rows)
+
+
+def test_cohort_script_makes_the_four_training_caches(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from alphagan.data.prepare import load_cache
+
+    script = Path(__file__).resolve().parent.parent / "data_scripts" / "synth_cohorts.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # this python
+    run = subprocess.run(["bash", str(script), str(tmp_path), "2", "16"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name in ("normal-t1", "tumor-flair", "tumor-t2", "stroke-t1"):
+        volumes, manifest, settings = load_cache(tmp_path / f"cache-{name}-16")
+        assert volumes.shape == (2, 16, 16, 16) and settings["size"] == 16

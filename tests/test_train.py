@@ -244,3 +244,10 @@ def test_train_command_and_resume(tmp_path):
     assert main(args) == 0
     assert main(args[:-4] + ["--iters", "3", "--device", "cpu", "--resume"]) == 0
     assert load_checkpoint(tmp_path / "checkpoints")["iter"] == 3
+
+
+def test_bf16_autocast_keeps_every_term_finite(tmp_path):
+    """The mixed-precision path (CUDA's default) on the CPU: the penalty is computed through bf16 layers."""
+    train(make_config("smoke", **{**SMOKE, "precision": "bf16"}), "synth", tmp_path, progress=False)
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(np.isfinite(v) for v in last.values()) and last["gp_d"] > 0

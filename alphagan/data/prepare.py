@@ -74,10 +74,12 @@ def detect_layout(root: Path) -> str:
         return "adni"
     if (root / "imagesTr").is_dir() and (root / "dataset.json").exists():
         return "decathlon"
-    names = [p.name for p in root.rglob("*") if _is_image(p)]
+    images = [p for p in root.rglob("*") if _is_image(p)]
+    names = [p.name for p in images]
     if any(re.match(r"IXI\d+-\w+-\d+-(T1|T2|PD|MRA|DTI)", n) for n in names):
         return "ixi"
-    if any(re.search(r"_(flair|t1ce|t2)\.nii", n, re.I) for n in names):
+    # BraTS: <subject>/<subject>_flair.nii.gz, ... (the folder name starts the file name)
+    if any(re.fullmatch(rf"{re.escape(p.parent.name)}_(flair|t1|t1ce|t2)", _stem(p), re.I) for p in images):
         return "brats"
     if any(re.search(r"T1w\.nii", n) for n in names):
         return "atlas"

@@ -1,0 +1,131 @@
+"""Iterations per second and peak memory of the alpha-WGAN-GP training loop, variant by variant, in one run.
+
+    python bench/train_step.py                 # a CPU-sized grid (32^3 and 64^3 at width 16)
+    python bench/train_step.py --grid gpu      # the paper's 64^3 / width 64 and 128^3, fp32 vs bf16, compile
+
+Every variant runs the real loop (`alphagan.train.train`) in its own process on a prepared cache, so peak memory
+is that variant's alone; the first `--warmup` iterations (cuDNN autotuning, compilation) are not timed.
+"The authors' recipe" is the same loop in fp32 without channels_last, plus what their data pipeline costs today:
+every batch read from NIfTI files and resized to the cube on the fly, measured here on the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GRIDS = {
+    "cpu": [
+        dict(size=32, width=16, batch=4),
+        dict(size=32, width=16, batch=4, channels_last=True),
+        dict(size=64, width=16, batch=4),
+        dict(size=32, width=16, batch=4, compile=True),
+    ],
+    "gpu": [
+        dict(size=64, width=64, batch=4, precision="fp32"),
+        dict(size=64, width=64, batch=4, precision="bf16"),
+        dict(size=64, width=64, batch=4, precision="bf16", channels_last=True),
+        dict(size=64, width=64, batch=4, precision="bf16", compile=True),
+        dict(size=64, width=64, batch=16, precision="bf16"),
+        dict(size=128, width=64, batch=4, precision="bf16"),
+        dict(size=128, width=32, batch=4, precision="bf16"),
+    ],
+}
+
+
+def run_variant(cache: Path, variant: dict, iters: int, warmup: int, out: Path) -> dict:
+    """Train `warmup + iters` iterations in a fresh process; returns it/s of the timed part and peak memory."""
+    code = f"""
+import json, resource, sys, torch
+from alphagan.config import make_config
+from alphagan.train import train
+v = {variant!r}
+cfg = make_config("paper", latent=1000, iters={warmup + iters}, log_every={warmup}, sample_every=10**9,
+                  ckpt_every=10**9, n_fixed=1, **v)
+train(cfg, {str(cache)!r}, {str(out)!r}, progress=False)
+records = [json.loads(x) for x in open({str(out / "metrics.jsonl")!r})]
+timed = [r for r in records if r["iter"] > {warmup}]
+peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else \\
+    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({{"it_per_s": timed[-1]["it_per_s"], "peak_gb": peak}}))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if run.returncode != 0:
+        return {"error": run.stderr.strip().splitlines()[-1][:80]}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def nifti_batch_seconds(folder: Path, size: int, batch: int, repeats: int = 5) -> float:
+    """Seconds to read `batch` NIfTI files and resize them to size^3, as a per-item data loader does."""
+    from alphagan.data.prepare import Settings, preprocess
+
+    files = sorted(folder.glob("*.nii.gz"))
+    start = time.perf_counter()
+    for r in range(repeats):
+        for i in range(batch):
+            preprocess(files[(r * batch + i) % len(files)], Settings(size=size))
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="cpu")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--subjects", type=int, default=16)
+    args = parser.parse_args()
+
+    import torch
+
+    from alphagan.data.prepare import prepare
+    from alphagan.data.synth import make_cohort
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device}; torch {torch.__version__}; {args.iters} timed iterations after {args.warmup}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        caches, raw = {}, {}
+        for size in sorted({v["size"] for v in GRIDS[args.grid]}):
+            raw[size] = make_cohort(tmp / f"raw{size}", args.subjects, size=min(2 * size, 128), progress=False)
+            caches[size] = prepare(str(raw[size]), tmp / f"cache{size}", size=size, progress=False).out
+        for i, variant in enumerate(GRIDS[args.grid]):
+            result = run_variant(caches[variant["size"]], variant, args.iters, args.warmup, tmp / f"run{i}")
+            rows.append((variant, result))
+        # The authors' recipe: the loop in fp32, and three batches (2 E+G steps, 1 D step) loaded from NIfTI.
+        base = dict(size=GRIDS[args.grid][0]["size"], width=GRIDS[args.grid][0]["width"], batch=4, precision="fp32")
+        loop = run_variant(caches[base["size"]], base, args.iters, args.warmup, tmp / "authors")
+        data_s = 3 * nifti_batch_seconds(raw[base["size"]], base["size"], base["batch"])
+        if "it_per_s" in loop:
+            authors = 1.0 / (1.0 / loop["it_per_s"] + data_s)
+            rows.append(({**base, "recipe": "authors'"}, {"it_per_s": authors, "peak_gb": loop["peak_gb"]}))
+
+    authors = next((r["it_per_s"] for v, r in rows if v.get("recipe") == "authors'"), None)
+    print("| size | width | batch | precision | channels_last | compile | recipe | it/s | peak GB | vs authors' |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for v, r in rows:
+        cells = [
+            v["size"],
+            v["width"],
+            v["batch"],
+            v.get("precision", "auto"),
+            v.get("channels_last", False),
+            v.get("compile", False),
+            v.get("recipe", "ours"),
+        ]
+        if "error" in r:
+            result = f"failed: {r['error']} | | "
+        else:
+            same = authors and (v["size"], v["width"], v["batch"]) == (base["size"], base["width"], base["batch"])
+            ratio = f"{r['it_per_s'] / authors:.2f}x" if same else ""
+            result = f"{r['it_per_s']:.3f} | {r['peak_gb']:.2f} | {ratio}"
+        print("| " + " | ".join(map(str, cells)) + f" | {result} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The notebooks: their anatomy, and every one of them run end to end by the course runner (smoke profile)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from alphagan.course import notebooks, run_course
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = notebooks()
+BADGE = "https://colab.research.google.com/github/alphagan-course/alphagan/blob/main/notebooks/{name}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_anatomy(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    cells = nb.cells
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in cells if c.cell_type == "code"), (
+        "commit notebooks without outputs"
+    )
+    first = cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith(f"# {path.name[:2]} · ")
+    assert BADGE.format(name=path.name) in first.source
+    assert "What you will learn" in first.source
+    assert "google.colab" in cells[1].source and "pip" in cells[1].source  # Colab-only install
+    tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    assert "profile = " in tagged[0].source and "run_dir = " in tagged[0].source
+    code = "\n".join(c.source for c in cells if c.cell_type == "code")
+    assert "device_banner(" in code  # says what it will do on this device
+    last = cells[-1].source
+    assert "What you learned" in last
+    later = [p for p in NOTEBOOKS if p.name > path.name]
+    if later:
+        assert f"({later[0].name})" in last, "ends with a link to the next notebook"
+
+
+@pytest.mark.notebook
+def test_course_runs_every_notebook_in_the_smoke_profile(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "alphagan", "course", "--profile", "smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    for path in NOTEBOOKS:
+        executed = nbformat.read(tmp_path / path.name, as_version=4)
+        assert executed.metadata["papermill"]["parameters"]["profile"] == "smoke"
+        assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+        assert (tmp_path / path.stem).is_dir()
+        assert f"{path.name} ... done in" in run.stdout
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(p.stem in summary for p in NOTEBOOKS) and "![" in summary
+    assert not list(ROOT.glob("notebooks/runs")), "notebooks must write under run_dir only"
+
+
+def test_a_failing_notebook_is_named_with_its_cell(tmp_path, capsys):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("profile = 'x'\nrun_dir = 'y'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("raise ValueError('the data folder is empty')"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / "01_broken.ipynb")
+    assert run_course(profile="smoke", out=tmp_path / "run", notebook_dir=folder) == 1
+    err = capsys.readouterr().err
+    assert "01_broken.ipynb failed at cell" in err
+    assert "ValueError: the data folder is empty" in err
+
+
+def test_only_selects_notebooks():
+    assert [p.name[:2] for p in notebooks("01,3")] == ["01", "03"]
+    with pytest.raises(ValueError, match="no notebook numbered"):
+        notebooks("99")
+
+
+def test_notebook_json_is_stable():
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text())
+        assert nb["metadata"]["kernelspec"]["name"] == "python3"
