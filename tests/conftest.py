@@ -14,3 +14,11 @@ def cohort_dir(tmp_path_factory):
     from alphagan.data.synth import make_cohort
 
     return make_cohort(tmp_path_factory.mktemp("cohort"), 6, size=32, seed=3, progress=False)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Make each phase's report available to fixtures as item.rep_setup / rep_call / rep_teardown."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
