@@ -1,4 +1,4 @@
-"""`python -m alphagan COMMAND ...`: synth, prepare, train, sample, course."""
+"""`python -m alphagan COMMAND ...`: synth, prepare, train, sample, evaluate, course."""
 
 from __future__ import annotations
 
@@ -109,6 +109,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from alphagan.evaluate import evaluate
+
+    results = evaluate(
+        args.real,
+        args.checkpoint,
+        args.out,
+        n=args.n,
+        pairs=args.pairs,
+        n_anatomy=args.n_anatomy,
+        contrast=args.contrast,
+        feature_weights=args.features,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    print((out / "table.md").read_text())
+    print(f"real side: {results['real']['data']}")
+    print(f"wrote results.json, table.md, pca.png, volumes.png and nearest.png to {out}")
+    return 0
+
+
 def cmd_course(args: argparse.Namespace) -> int:
     from alphagan.course import run_course
 
@@ -172,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="the paper's Table 1 and Fig. 3 (and more) for trained models")
+    p.add_argument("--real", required=True, help="a held-out prepared cache, or synth[:kind[:contrast]]")
+    p.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=512, help="real and generated volumes per model")
+    p.add_argument("--pairs", type=int, default=1000, help="random pairs for MS-SSIM")
+    p.add_argument("--n-anatomy", type=int, default=64, help="volumes segmented per model")
+    p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
+    p.add_argument("--features", default=None, help="MedicalNet-style 3D ResNet-10 weights for a Fréchet distance")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("course", help="run the notebooks in order into a run folder")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: paper on a GPU, else cpu")

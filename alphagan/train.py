@@ -138,7 +138,7 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
     # ---- data ---------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     volumes, fov_mm = load_training_volumes(data, cfg.size, cfg.n_subjects, seed=cfg.seed, progress=progress and master)
-    volumes = torch.from_numpy(np.ascontiguousarray(volumes, dtype=np.float32))
+    volumes = torch.from_numpy(np.array(volumes, dtype=np.float32))  # in memory (a cache is memory-mapped)
     n_volumes = len(volumes)
     if n_volumes < cfg.batch:
         raise ValueError(f"{data}: {n_volumes} volumes, fewer than one batch of {cfg.batch}")

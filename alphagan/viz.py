@@ -233,3 +233,63 @@ def use_headless_backend() -> None:
     """Select the Agg backend when no display is available (command line, CI)."""
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
         matplotlib.use("Agg")
+
+
+def pca_scatter(
+    real_2d: np.ndarray,
+    projected: dict[str, np.ndarray],
+    variance: Sequence[float] | None = None,
+    title: str = "PCA fitted on the real volumes",
+):
+    """The paper's Fig. 3: real and generated volumes on the first two principal components of the real set."""
+    import matplotlib.pyplot as plt
+
+    ncols = max(1, len(projected))
+    fig, axes = plt.subplots(1, ncols, figsize=(3.6 * ncols, 3.4), squeeze=False, sharex=True, sharey=True)
+    for ax, (name, points) in zip(axes[0], projected.items()):
+        ax.scatter(real_2d[:, 0], real_2d[:, 1], s=6, c="0.6", label="real")
+        ax.scatter(points[:, 0], points[:, 1], s=6, c="tab:red", label=name)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+        if variance is not None:
+            ax.set_xlabel(f"PC1 ({100 * variance[0]:.0f} %)", fontsize=8)
+    if variance is not None:
+        axes[0][0].set_ylabel(f"PC2 ({100 * variance[1]:.0f} %)", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def volume_histograms(
+    real: dict[str, Sequence[float]],
+    generated: dict[str, dict[str, Sequence[float]]],
+    title: str = "tissue volumes, real against generated (mL)",
+):
+    """One panel per measured quantity: the real distribution and each model's, overlaid."""
+    import matplotlib.pyplot as plt
+
+    keys = list(real)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [np.asarray(real[key])] + [np.asarray(g[key]) for g in generated.values()]
+        bins = np.histogram_bin_edges(np.concatenate(values), bins=20)
+        ax.hist(values[0], bins=bins, color="0.6", alpha=0.8, label="real")
+        for name, v in zip(generated, values[1:]):
+            ax.hist(v, bins=bins, histtype="step", lw=1.5, label=name)
+        ax.set_title(key.replace("_ml", ""), fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def nearest_pairs(generated, training, index: Sequence[int], distance: Sequence[float], k: int = 4, title: str = ""):
+    """The k generated volumes closest to a training volume, each beside that training volume (axial cuts)."""
+    order = np.argsort(distance)[:k]
+    volumes, titles = [], []
+    for i in order:
+        volumes += [generated[i], training[index[i]]]
+        titles += [f"generated {i}\nRMS {distance[i]:.3f}", f"training {index[i]}"]
+    return volume_grid(
+        volumes, ncols=2 * min(k, len(order)), titles=titles, title=f"{title}: closest generated-training pairs"
+    )
