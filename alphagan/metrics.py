@@ -391,3 +391,46 @@ def frechet_feature_distance(net: nn.Module, real, fake) -> float:
     """Fréchet distance between Gaussians fitted to the network's features of real and generated volumes."""
     a, b = features(net, real), features(net, fake)
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+# ------------------------------------------------------------------------------------------------ lesions
+def lesion_mask(volume: np.ndarray, kind: str, contrast: str, threshold: float = -0.9) -> np.ndarray:
+    """The largest connected lesion-like region of a volume in [-1, 1] (RAS: left-right is the first axis).
+
+    Lesions here are one-sided and the healthy brain nearly symmetric, so a lesion voxel differs from its
+    left-right mirror: brighter by more than 0.3 for tumours in FLAIR and T2w; darker by more than 0.4 and darker
+    than the brain's median for strokes and tumours in T1w (dark lesions compete with the sulci's CSF, whose
+    natural asymmetries need the stricter rule: on 12 synthetic strokes it raised the correlation of measured
+    with true stroke volumes from 0.13 to 0.63; tumours: 0.89 in FLAIR, 0.86 in T2w).
+    """
+    from scipy import ndimage
+
+    if kind not in ("tumor", "stroke"):
+        raise ValueError(f"kind must be tumor or stroke, got {kind!r}")
+    volume = np.asarray(volume, dtype=np.float64).reshape(np.shape(volume)[-3:])
+    mirror = volume[::-1]
+    brain = (volume > threshold) & (mirror > threshold)
+    if kind == "tumor" and contrast in ("flair", "t2"):
+        candidate = brain & (volume - mirror > 0.3)
+    else:
+        candidate = brain & (mirror - volume > 0.4) & (volume < np.median(volume[brain]))
+    labels, n = ndimage.label(ndimage.binary_opening(candidate))
+    if n == 0:
+        return np.zeros(volume.shape, dtype=bool)
+    sizes = ndimage.sum_labels(np.ones_like(volume), labels, index=np.arange(1, n + 1))
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def lesion_stats(volume: np.ndarray, affine: np.ndarray, kind: str, contrast: str) -> dict[str, float]:
+    """Volume (mL) and centre (mm, world coordinates) of the largest lesion-like region; NaN centre if none."""
+    mask = lesion_mask(volume, kind, contrast)
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    if not mask.any():
+        return {"lesion_ml": 0.0, "lesion_x_mm": np.nan, "lesion_y_mm": np.nan, "lesion_z_mm": np.nan}
+    centre = affine[:3, :3] @ np.argwhere(mask).mean(0) + affine[:3, 3]
+    return {
+        "lesion_ml": float(mask.sum() * voxel_ml),
+        "lesion_x_mm": float(centre[0]),
+        "lesion_y_mm": float(centre[1]),
+        "lesion_z_mm": float(centre[2]),
+    }

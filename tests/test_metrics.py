@@ -191,3 +191,24 @@ def test_ventricle_box_is_in_the_course_space():
     lo = np.array([b[0] for b in metrics.VENTRICLE_BOX_MM])
     hi = np.array([b[1] for b in metrics.VENTRICLE_BOX_MM])
     assert np.all(centre[:3] > lo - 20) and np.all(centre[:3] < hi + 20)
+
+
+@pytest.mark.parametrize(
+    "kind, contrast, min_r, max_distance",
+    [("tumor", "flair", 0.8, 10), ("tumor", "t2", 0.75, 12), ("stroke", "t1", 0.45, 20)],
+)
+def test_lesion_measurement_against_the_cohorts_ground_truth(kind, contrast, min_r, max_distance):
+    from alphagan.data.synth import make_subject
+
+    true, measured, distance = [], [], []
+    for i in range(12):
+        s = make_subject(i, seed=0, size=64, kind=kind, contrast=contrast)
+        brain = s.volume > 0
+        volume = np.where(brain, np.clip(s.volume / np.percentile(s.volume[brain], 99.5), 0, 1) * 2 - 1, -1.0)
+        stats = metrics.lesion_stats(volume, s.affine, kind, contrast)
+        f = s.factors
+        true.append(f["lesion_ml"] + f["oedema_ml"])
+        measured.append(stats["lesion_ml"])
+        distance.append(np.linalg.norm([stats[f"lesion_{a}_mm"] - f[f"lesion_{a}_mm"] for a in "xyz"]))
+    assert np.corrcoef(true, measured)[0, 1] > min_r
+    assert np.nanmedian(distance) < max_distance
