@@ -112,7 +112,7 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
     """Train `cfg.model` on `data` (a cache folder or `synth[:kind[:contrast]]`), writing everything to `out`."""
     from tqdm.auto import tqdm
 
-    from alphagan.viz import use_headless_backend, volume_grid
+    from alphagan.viz import three_plane_grid, use_headless_backend
 
     cfg = cfg.validate()
     out = Path(out)
@@ -228,8 +228,7 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
 
         G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
         with torch.no_grad():
-            shown = [G(fixed_z.to(device)).float().cpu()]
-            titles = [f"sample {i}" for i in range(cfg.n_fixed)]
+            groups = {"samples": list(G(fixed_z.to(device)).float().cpu())}
             if "E" in nets:
                 nets["E"].eval()
                 code = nets["E"](fixed_x.to(device))
@@ -237,16 +236,9 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
                 nets["E"].train()
                 # Reconstructions use batch statistics (a throw-away copy in train mode): the encoder's codes
                 # are not N(0, I) early in training, so the statistics calibrated for samples do not fit them.
-                recon = copy.deepcopy(nets["G"]).train()(code).float().cpu()
-                shown += [fixed_x, recon]
-                titles += [f"real {i}" for i in range(cfg.n_fixed)] + [f"recon {i}" for i in range(cfg.n_fixed)]
-        fig = volume_grid(
-            list(torch.cat(shown)),
-            ncols=cfg.n_fixed,
-            titles=titles,
-            plane="axial",
-            title=f"{cfg.model}, iteration {it}",
-        )
+                groups["real"] = list(fixed_x)
+                groups["reconstructions"] = list(copy.deepcopy(nets["G"]).train()(code).float().cpu())
+        fig = three_plane_grid(groups, title=f"{cfg.model}, iteration {it}")
         (out / "samples").mkdir(exist_ok=True)
         fig.savefig(out / "samples" / f"iter_{it:06d}.png", dpi=80)
         plt.close(fig)

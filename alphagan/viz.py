@@ -114,7 +114,7 @@ def planes_grid(
     vmax: float | None = 1.0,
     title: str | None = None,
 ):
-    """One row of three centre cuts per volume: the picture saved during training."""
+    """One row of three centre cuts per volume (the slice viewer's static form)."""
     import matplotlib.pyplot as plt
 
     volumes = [_as_array(v) for v in volumes]
@@ -293,3 +293,31 @@ def nearest_pairs(generated, training, index: Sequence[int], distance: Sequence[
     return volume_grid(
         volumes, ncols=2 * min(k, len(order)), titles=titles, title=f"{title}: closest generated-training pairs"
     )
+
+
+def three_plane_grid(groups: dict[str, Sequence], title: str | None = None, vmin: float = -1.0, vmax: float = 1.0):
+    """Sagittal, coronal and axial centre cuts (rows) of each volume (columns), one block of rows per group.
+
+    The picture saved during training: fixed-noise samples, real volumes and their reconstructions.
+    """
+    import matplotlib.pyplot as plt
+
+    groups = {name: [_as_array(v) for v in vols] for name, vols in groups.items()}
+    ncols = max(len(v) for v in groups.values())
+    nrows = 3 * len(groups)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.5 * ncols, 1.5 * nrows), squeeze=False)
+    for g, (name, vols) in enumerate(groups.items()):
+        for p, plane in enumerate(PLANES):
+            row = axes[3 * g + p]
+            for c, ax in enumerate(row):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c < len(vols):
+                    ax.imshow(plane_slice(vols[c], plane), cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+                else:
+                    ax.axis("off")
+            row[0].set_ylabel(f"{name}\n{plane[:3].upper()}" if p == 1 else plane[:3].upper(), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

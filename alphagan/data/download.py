@@ -53,11 +53,8 @@ class DownloadError(RuntimeError):
 
 
 def md5sum(path: str | Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def fetch(url: str, dest: str | Path, md5: str | None = None, progress: bool = True, timeout: float = 60.0) -> Path:

@@ -135,11 +135,8 @@ def find_inputs(src: str, layout: str = "auto", modality: str | None = None) -> 
 
 # ---------------------------------------------------------------------------------------------- one volume
 def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarray]:
