@@ -136,20 +136,34 @@ def test_slice_viewer_answers_its_slider_in_jupyterlab(lab, browser, page_on_fai
     browser.get(f"{url}/lab/tree/01_data.ipynb?token={token}")
     wait = WebDriverWait(browser, 120)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
-    # The kernel must be idle before we run anything.
-    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']")))
-
-    # Run > Run All Cells, as a learner would.
+    # The kernel must be connected and idle before we run anything (the status bar says so).
     wait.until(
-        ec.element_to_be_clickable((By.XPATH, "//li[contains(@class,'lm-MenuBar-item')][.//div[text()='Run']]"))
-    ).click()
-    wait.until(
-        ec.element_to_be_clickable((By.XPATH, "//li[contains(@class,'lm-Menu-item')][.//div[text()='Run All Cells']]"))
-    ).click()
-
-    viewer = WebDriverWait(browser, 300).until(
-        ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-OutputArea-output .widget-vbox .widget-image"))
+        ec.presence_of_element_located((By.XPATH, "//*[contains(@class,'jp-StatusBar')]//*[contains(., 'Idle')]"))
     )
+    started = "//div[contains(@class,'jp-InputPrompt')][contains(., '[*]') or contains(., '[1]')]"
+    for _ in range(3):  # Run > Run All Cells, as a learner would; again if the first click came too early
+        wait.until(
+            ec.element_to_be_clickable((By.XPATH, "//li[contains(@class,'lm-MenuBar-item')][.//div[text()='Run']]"))
+        ).click()
+        wait.until(
+            ec.element_to_be_clickable(
+                (By.XPATH, "//li[contains(@class,'lm-Menu-item')][.//div[text()='Run All Cells']]")
+            )
+        ).click()
+        try:
+            WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.XPATH, started)))
+            break
+        except Exception:
+            continue
+
+    try:
+        viewer = WebDriverWait(browser, 300).until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-OutputArea-output .widget-vbox .widget-image"))
+        )
+    except Exception:
+        errors = browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output[data-mime-type*='stderr']")
+        prompts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".jp-InputPrompt")]
+        pytest.fail(f"no slice viewer after 300 s; prompts {prompts}; errors: {[e.text[-500:] for e in errors]}")
     box = viewer.find_element(By.XPATH, "ancestor::div[contains(@class,'widget-vbox')][last()]")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
     time.sleep(1.0)
