@@ -17,12 +17,16 @@ import nbformat
 import numpy as np
 import pytest
 
+from alphagan.config import make_config
+
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "test-output" / "browser"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 pytestmark = pytest.mark.browser
+PROFILE = "cpu"  # 32^3 volumes, so the screenshot shows a recognisable brain; notebook 01 takes ~30 s with it
+CENTRE = make_config(PROFILE).size // 2
 
 
 def _free_port() -> int:
@@ -33,7 +37,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def lab(tmp_path):
-    """JupyterLab on 127.0.0.1 with a token, serving a copy of notebook 01 set to the smoke profile."""
+    """JupyterLab on 127.0.0.1 with a token, serving a copy of notebook 01 set to PROFILE."""
     if not (CHROMIUM and CHROMEDRIVER):
         if os.environ.get("ALPHAGAN_REQUIRE_BROWSER"):
             pytest.fail("chromium and chromium-driver are required here (apt-get install chromium chromium-driver)")
@@ -42,7 +46,7 @@ def lab(tmp_path):
     from papermill.parameterize import parameterize_notebook
 
     nb = load_notebook_node(str(ROOT / "notebooks" / "01_data.ipynb"))
-    nb = parameterize_notebook(nb, {"profile": "smoke", "run_dir": str(tmp_path / "run")})
+    nb = parameterize_notebook(nb, {"profile": PROFILE, "run_dir": str(tmp_path / "run")})
     nbformat.write(nb, tmp_path / "01_data.ipynb")
     port, token = _free_port(), "alphagan-browser-test"
     env = {
@@ -175,13 +179,13 @@ def test_slice_viewer_answers_its_slider_in_jupyterlab(lab, browser, page_on_fai
         return " | ".join(e.text for e in box.find_elements(By.CSS_SELECTOR, ".widget-label"))
 
     label = captions()
-    assert "axial 8" in label
+    assert f"axial {CENTRE}" in label
 
     handle = box.find_element(By.CSS_SELECTOR, ".widget-slider .noUi-handle")
     handle.click()
     for _ in range(3):
         handle.send_keys(Keys.ARROW_RIGHT)
-    WebDriverWait(browser, 30).until(lambda _: "axial 11" in captions())
+    WebDriverWait(browser, 30).until(lambda _: f"axial {CENTRE + 3}" in captions())
     time.sleep(1.0)
     after = box.screenshot_as_png
     (OUTPUT / "viewer.png").write_bytes(after)
