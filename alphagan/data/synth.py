@@ -21,7 +21,6 @@ import csv
 import functools
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,14 +308,6 @@ def _blur(volume: torch.Tensor, sigma_vox: float) -> torch.Tensor:
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
         out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.view(shape))
     return out[0, 0]
-
-
-def iter_subjects(
-    n: int, seed: int = 0, size: int = 64, kind: str = "normal", contrast: str = "t1", start: int = 0
-) -> Iterator[Subject]:
-    """Subjects `start`, `start + 1`, ... `start + n - 1` of a cohort, one at a time."""
-    for index in range(start, start + n):
-        yield make_subject(index, seed=seed, size=size, kind=kind, contrast=contrast)
 
 
 def subject_id(index: int, kind: str, contrast: str) -> str:
