@@ -90,6 +90,9 @@ def run_course(
                 cwd=str(notebook.parent),
                 progress_bar=False,
                 parameters={"profile": profile, "run_dir": str(run_dir / notebook.stem)},
+                # The kernel talks to us on 127.0.0.1 only; its start-up warning about unencrypted TCP is noise
+                # here, and errors still reach the executed notebook and this runner.
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
         except Exception as exc:  # papermill raises PapermillExecutionError, kernels may die otherwise
             print("FAILED", flush=True)
