@@ -45,7 +45,8 @@ def _failed_cell(executed: Path) -> str:
 
 
 def _summary(run_dir: Path, timings: list[tuple[str, float]], profile: str) -> Path:
-    """A Markdown page with each notebook's time and the figures and numbers it saved."""
+    """A Markdown page with each notebook's time and what it saved at the top of its folder: the numbers
+    (`*.json`), the tables (`*.md`, also one folder down, where `evaluate` writes them) and the figures."""
     lines = [f"# Course run, profile `{profile}`", "", "| notebook | minutes |", "|---|---|"]
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings]
     for name, _ in timings:
@@ -54,7 +55,9 @@ def _summary(run_dir: Path, timings: list[tuple[str, float]], profile: str) -> P
         lines += ["", f"## {stem}", ""]
         for key_file in sorted(folder.glob("*.json")):
             lines += [f"`{key_file.name}`:", "", "```json", key_file.read_text().strip()[:2000], "```", ""]
-        for figure in sorted(folder.glob("*.png")):
+        for table in sorted([*folder.glob("*.md"), *folder.glob("*/table.md")]):
+            lines += [f"`{table.relative_to(run_dir)}`:", "", table.read_text().strip(), ""]
+        for figure in sorted([*folder.glob("*.png"), *folder.glob("*/pca.png")]):
             lines.append(f"![{figure.stem}]({figure.relative_to(run_dir)})")
     path = run_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")

@@ -58,6 +58,8 @@ def test_course_runs_every_notebook_in_the_smoke_profile(tmp_path):
         assert f"{path.name} ... done in" in run.stdout
     summary = (tmp_path / "summary.md").read_text()
     assert all(p.stem in summary for p in NOTEBOOKS) and "![" in summary
+    assert "| real (held out) |" in summary  # notebook 04's Table 1
+    assert "augmentation.json" in summary and "lesions.json" in summary  # the numbers of 05 and 06
     assert not list(ROOT.glob("notebooks/runs")), "notebooks must write under run_dir only"
 
 
