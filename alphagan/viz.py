@@ -186,7 +186,7 @@ def slice_viewer(
     vmax: float | None = None,
     display_size: int = 256,
 ):
-    """Several volumes side by side with a plane selector and a slice slider.
+    """Several volumes side by side with a plane selector, a colour-map choice and a slice slider.
 
     Returns an ipywidgets box in a Jupyter front end. With `interactive=False` (or no widget front end), it
     returns a static three-plane figure per volume instead, so that papermill and plain scripts still show
@@ -205,6 +205,8 @@ def slice_viewer(
     import ipywidgets as widgets
 
     plane = widgets.ToggleButtons(options=list(PLANES), value="axial", description="plane")
+    # gray, or viridis for the paper's Fig. 4 look (yellow bright, blue dark)
+    colours = widgets.Dropdown(options=sorted({cmap, "gray", "viridis"}), value=cmap, description="colours")
     size = vols[0].shape[_AXIS["axial"]]
     slider = widgets.IntSlider(value=size // 2, min=0, max=size - 1, description="slice", continuous_update=True)
     scale = max(1, display_size // max(vols[0].shape))
@@ -214,7 +216,7 @@ def slice_viewer(
     def render(*_):
         for volume, image, caption, name in zip(vols, images, captions, names):
             index = min(slider.value, volume.shape[_AXIS[plane.value]] - 1)
-            image.value = _png(plane_slice(volume, plane.value, index), cmap, vmin, vmax, scale)
+            image.value = _png(plane_slice(volume, plane.value, index), colours.value, vmin, vmax, scale)
             caption.value = f"{name}: {plane.value} {index}"
 
     def on_plane(change):
@@ -224,9 +226,11 @@ def slice_viewer(
 
     plane.observe(on_plane, names="value")
     slider.observe(render, names="value")
+    colours.observe(render, names="value")
     render()
     columns = [widgets.VBox([img, cap]) for img, cap in zip(images, captions)]
-    return widgets.VBox([plane, slider, widgets.HBox(columns)], layout=widgets.Layout(align_items="flex-start"))
+    controls = widgets.HBox([plane, colours])
+    return widgets.VBox([controls, slider, widgets.HBox(columns)], layout=widgets.Layout(align_items="flex-start"))
 
 
 def use_headless_backend() -> None:

@@ -283,3 +283,26 @@ def test_auto_layout_does_not_mistake_flat_t2_files_for_brats(tmp_path):
         save(data, tmp_path / f"{name}.nii.gz", affine)
     assert prep.detect_layout(tmp_path) == "flat"
     assert len(find_inputs(str(tmp_path))) == 2
+
+
+def test_slice_viewer_widget_and_its_static_fallback():
+    import matplotlib.figure
+
+    from alphagan.viz import plane_slice, slice_viewer
+
+    volume = np.zeros((8, 10, 12), np.float32)
+    volume[6, 2, 3] = 1.0  # right, posterior, inferior
+    cut = plane_slice(volume, "axial", 3)
+    assert cut.shape == (10, 8) and cut[10 - 1 - 2, 6] == 1.0  # anterior up, the subject's right on the right
+    static = slice_viewer([volume, volume], interactive=False)
+    assert isinstance(static, matplotlib.figure.Figure)
+    box = slice_viewer([volume, volume], names=["a", "b"], interactive=True)
+    controls, slider, images = box.children
+    plane, colours = controls.children
+    first = images.children[0].children[0].value
+    slider.value = 3
+    assert images.children[0].children[0].value != first and images.children[0].children[1].value == "a: axial 3"
+    colours.value = "viridis"
+    assert images.children[0].children[0].value != first
+    plane.value = "sagittal"
+    assert slider.max == 7 and images.children[1].children[1].value.startswith("b: sagittal")
