@@ -14,6 +14,7 @@ Volumes are arrays or tensors of shape (N, S, S, S) or (N, 1, S, S, S) in [-1, 1
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,12 +27,12 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, 
 
 
 def _flat(volumes) -> Tensor:
-    t = volumes if isinstance(volumes, Tensor) else torch.from_numpy(np.asarray(volumes))
+    t = volumes if isinstance(volumes, Tensor) else torch.tensor(np.asarray(volumes))  # a copy: caches are read-only
     return t.reshape(t.shape[0], -1).double()
 
 
 def _as5d(volumes) -> Tensor:
-    t = volumes if isinstance(volumes, Tensor) else torch.from_numpy(np.asarray(volumes))
+    t = volumes if isinstance(volumes, Tensor) else torch.tensor(np.asarray(volumes))
     t = t.float()
     return t.unsqueeze(1) if t.dim() == 4 else t
 
@@ -281,7 +282,8 @@ class Memorisation:
     generated_nn: np.ndarray  # distance of each generated volume to its nearest training volume
     generated_index: np.ndarray  # which training volume that is
     heldout_nn: np.ndarray  # the same for held-out real volumes
-    ratio: float  # median generated NN distance / median held-out NN distance (< 1: closer than new real data)
+    ratio: float | None  # median generated / median held-out NN distance (< 1: closer than new real data); None
+    # when the held-out volumes are themselves in the training set (distance 0)
     closer_than_heldout: float  # share of generated volumes nearer to a training volume than 95 % of held-out ones
 
 
@@ -300,7 +302,8 @@ def nearest_neighbours(queries, reference, batch: int = 64) -> tuple[np.ndarray,
 def memorisation(generated, training, heldout) -> Memorisation:
     g, gi = nearest_neighbours(generated, training)
     h, _ = nearest_neighbours(heldout, training)
-    return Memorisation(g, gi, h, float(np.median(g) / np.median(h)), float(np.mean(g < np.percentile(h, 5))))
+    ratio = float(np.median(g) / np.median(h)) if np.median(h) > 0 else None
+    return Memorisation(g, gi, h, ratio, float(np.mean(g < np.percentile(h, 5))))
 
 
 # ------------------------------------------------------------------------------------------------ Fréchet
@@ -308,7 +311,9 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     """|mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the Fréchet distance between two Gaussians."""
     from scipy import linalg
 
-    covmean = linalg.sqrtm(cov1 @ cov2)
+    with warnings.catch_warnings():  # a singular product is detected and handled just below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all() or np.abs(covmean.imag).max() > 1e-3 * np.abs(covmean.real).max():
         # Fewer samples than features make the covariances singular: regularise, as FID implementations do.
         eps = np.eye(len(cov1)) * 1e-6 * max(np.trace(cov1), np.trace(cov2)) / len(cov1)

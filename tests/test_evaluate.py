@@ -91,3 +91,4 @@ def test_a_training_cache_on_the_real_side_is_flagged(tmp_path, cohort_dir):
     )
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "not held out" in results["real"]["warning"]
+    assert results["models"]["alpha-wgan-gp z16"]["memorisation"]["nn_ratio"] is None  # held-out = training
