@@ -255,7 +255,6 @@ def preprocess(path: str | Path, settings: Settings = Settings(), channel: int =
 def _work(args: tuple[Entry, Settings]) -> tuple[Entry, np.ndarray | None, str]:
     entry, settings = args
     try:
-        entry.sha256 = sha256(entry.source)
         volume, info = preprocess(entry.source, settings, entry.channel)
     except InputError as exc:
         return entry, None, str(exc)
@@ -321,14 +320,10 @@ def prepare(
         except OSError:
             digest = ""
         key = (entry.source, entry.channel, digest)
+        entry.sha256 = digest  # computed once; the workers reuse it
         if key in previous:
             volume, row = previous[key]
-            entry.sha256, entry.shape, entry.spacing, entry.cube_mm = (
-                digest,
-                row["shape"],
-                row["spacing"],
-                float(row["cube_mm"]),
-            )
+            entry.shape, entry.spacing, entry.cube_mm = row["shape"], row["spacing"], float(row["cube_mm"])
             results.append((entry, np.array(volume), ""))
             reused += 1
         else:
