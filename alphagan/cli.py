@@ -85,19 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from alphagan.checkpoint import load_checkpoint
-    from alphagan.config import Config
-    from alphagan.models import Generator
-    from alphagan.sampling import calibrated_generator, generate, save_nifti
+    from alphagan.sampling import generate, load_generator, save_nifti
     from alphagan.viz import use_headless_backend, volume_grid
 
     use_headless_backend()
-    state = load_checkpoint(args.checkpoint)
-    cfg = Config.from_dict(state["config"])
-    G = Generator(cfg.size, cfg.width, cfg.latent)
-    G.load_state_dict(state["nets"]["G"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    G = calibrated_generator(G.to(device), cfg.latent, batch=cfg.batch, seed=args.seed)
+    G, cfg, state = load_generator(args.checkpoint, device, seed=args.seed)
     volumes = generate(G, args.n, cfg.latent, seed=args.seed)
     out = Path(args.out)
     for i, volume in enumerate(volumes):

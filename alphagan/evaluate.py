@@ -17,25 +17,13 @@ import numpy as np
 import torch
 
 from alphagan import metrics
-from alphagan.checkpoint import load_checkpoint
 from alphagan.config import Config
 from alphagan.data.dataset import load_training_volumes
 from alphagan.data.space import cube_affine
-from alphagan.models import Generator
-from alphagan.sampling import calibrated_generator, generate
+from alphagan.sampling import generate, load_generator
 
 HELD_OUT_SEED_OFFSET = 10_000  # synthetic held-out subjects: a cohort seed no training run uses by default
 QUANTITIES = ("brain_ml", "gm_ml", "wm_ml", "csf_ml", "ventricle_ml")
-
-
-def load_generator(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Config, dict]:
-    """The generator of a checkpoint (a file or a run's checkpoint folder), ready for sampling."""
-    state = load_checkpoint(checkpoint)
-    cfg = Config.from_dict(state["config"])
-    G = Generator(cfg.size, cfg.width, cfg.latent)
-    G.load_state_dict(state["nets"]["G"])
-    G = calibrated_generator(G.to(device), cfg.latent, batch=cfg.batch, seed=cfg.seed)
-    return G, cfg, state
 
 
 def _run_data(checkpoint: str | Path) -> str | None:

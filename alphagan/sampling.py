@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from alphagan.checkpoint import load_checkpoint
+from alphagan.config import Config
 from alphagan.data.space import DEFAULT_FOV_MM, cube_affine
+from alphagan.models import Generator
 
 
 @torch.no_grad()
@@ -47,6 +50,19 @@ def calibrated_generator(
 ) -> nn.Module:
     """A copy of `generator` in eval mode with recalibrated statistics; the original is left untouched."""
     return recalibrate_batchnorm(copy.deepcopy(generator), latent, batch, batches, seed)
+
+
+def load_generator(
+    checkpoint: str | Path, device: str = "cpu", seed: int | None = None
+) -> tuple[nn.Module, Config, dict]:
+    """The generator of a checkpoint (a file or a run's checkpoint folder), calibrated and ready for sampling,
+    with the run's settings and the checkpoint's state. `seed` draws the calibration codes (default: the run's)."""
+    state = load_checkpoint(checkpoint)
+    cfg = Config.from_dict(state["config"])
+    G = Generator(cfg.size, cfg.width, cfg.latent)
+    G.load_state_dict(state["nets"]["G"])
+    G = calibrated_generator(G.to(device), cfg.latent, batch=cfg.batch, seed=cfg.seed if seed is None else seed)
+    return G, cfg, state
 
 
 @torch.no_grad()
