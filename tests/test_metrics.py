@@ -6,6 +6,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from alphagan import metrics
+from alphagan.data.prepare import normalise
 from alphagan.data.space import cube_affine
 
 
@@ -135,8 +136,7 @@ def test_segmentation_recovers_the_synthetic_cohorts_volumes():
     errors = {k: [] for k in ("brain_ml", "gm_ml", "wm_ml", "csf_ml")}
     for i in range(4):
         s = make_subject(i, seed=1, size=64)
-        volume = np.where(s.volume > 0, s.volume / np.percentile(s.volume[s.volume > 0], 99.5) * 2 - 1, -1.0)
-        measured = metrics.tissue_volumes(np.clip(volume, -1, 1), s.affine)
+        measured = metrics.tissue_volumes(normalise(s.volume), s.affine)
         for k in errors:
             errors[k].append(abs(measured[k] - s.factors[k]) / s.factors[k])
     # Measured here: brain 0 %, GM 2 %, WM 7 %, CSF 24 % (partial volumes at the CSF borders).
@@ -203,9 +203,7 @@ def test_lesion_measurement_against_the_cohorts_ground_truth(kind, contrast, min
     true, measured, distance = [], [], []
     for i in range(12):
         s = make_subject(i, seed=0, size=64, kind=kind, contrast=contrast)
-        brain = s.volume > 0
-        volume = np.where(brain, np.clip(s.volume / np.percentile(s.volume[brain], 99.5), 0, 1) * 2 - 1, -1.0)
-        stats = metrics.lesion_stats(volume, s.affine, kind, contrast)
+        stats = metrics.lesion_stats(normalise(s.volume), s.affine, kind, contrast)
         f = s.factors
         true.append(f["lesion_ml"] + f["oedema_ml"])
         measured.append(stats["lesion_ml"])
