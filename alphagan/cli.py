@@ -27,19 +27,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from alphagan.data.prepare import prepare
 
-    try:
-        result = prepare(
-            args.src,
-            args.out,
-            size=args.size,
-            layout=args.layout,
-            modality=args.modality,
-            stretch=args.stretch,
-            workers=args.workers,
-        )
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"prepare: {exc}", file=sys.stderr)
-        return 1
+    result = prepare(
+        args.src,
+        args.out,
+        size=args.size,
+        layout=args.layout,
+        modality=args.modality,
+        stretch=args.stretch,
+        workers=args.workers,
+    )
     print(
         f"{result.out}: {result.written} volumes written, {result.reused} unchanged, "
         f"{len(result.rejected)} rejected (see {result.out / 'rejected.tsv'})"
@@ -74,9 +70,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides.update(channels_last=args.channels_last or None, compile=args.compile or None)
     cfg = make_config(args.profile or default_profile(), args.model, **overrides)
     try:
-        result = train(cfg, args.data, args.out, resume=args.resume)
+        result = train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as exc:
-        print(f"train: {exc}", file=sys.stderr)
+        print(f"alphagan train: {exc}", file=sys.stderr)
         return 2
     print(f"run folder: {result.out}")
     return 0
@@ -129,8 +125,16 @@ def cmd_course(args: argparse.Namespace) -> int:
     return run_course(profile=args.profile, only=args.only, out=args.out)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alphagan", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic cohort of brain volumes (NIfTI + participants.tsv)")
@@ -156,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a prepared cache folder, or synth[:kind[:contrast]]")
     p.add_argument("--out", required=True)
     p.add_argument("--model", choices=MODELS, default="alpha-wgan-gp")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: paper on a GPU, else cpu")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu on a CUDA GPU, else cpu")
     for name, kind in (
         ("size", int),
         ("width", int),
@@ -173,16 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("ckpt-every", int),
     ):
         p.add_argument(f"--{name}", type=kind, default=None)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate volumes from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file or a folder of them")
-    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--n", type=_positive, default=16)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
@@ -200,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("course", help="run the notebooks in order into a run folder")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: paper on a GPU, else cpu")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu on a CUDA GPU, else cpu")
     p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,03")
     p.add_argument("--out", default=None, help="default: runs/course-<profile>-<time>")
     p.set_defaults(func=cmd_course)
@@ -208,5 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An ordinary failure (a missing or damaged file, a bad setting, a full disk) is one line,
+    `alphagan <command>: <what and where>: <how to fix>`, and exit status 1; `--debug` shows the traceback."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, OSError) and exc.filename and exc.strerror:
+            text = f"{exc.strerror} ({exc.filename})"
+        else:
+            text = str(exc)
+        print(f"alphagan {args.command}: {text}", file=sys.stderr)
+        return 1

@@ -1,7 +1,10 @@
 """Named settings ("profiles") shared by the notebooks, the command line and the tests.
 
-One place defines what `smoke`, `cpu` and `paper` mean, so that a notebook's `parameters` cell only has to
-name a profile and, optionally, override a few fields.
+Used by every notebook: its parameters cell names a profile.
+
+One place defines what `smoke`, `cpu`, `gpu` and `paper` mean, for a training run (`PROFILES`) and for the
+course's notebooks (`COURSE`), so that a notebook's `parameters` cell only has to name a profile and, optionally,
+override a few fields.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 MODELS = ("alpha-wgan-gp", "alpha-gan", "wgan-gp", "vae-gan")
+GPU_ITERS = 2000  # per model in the `gpu` profile: 11 models in about 25 minutes at the 15.7 it/s measured on an H200
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every knob of a training run. The defaults are the paper's settings (SPEC.md)."""
+    """Every knob of a training run. The defaults are the paper's settings (docs/method.md)."""
 
     model: str = "alpha-wgan-gp"
     size: int = 64  # edge of the cubic volume, a power of two >= 16
-    width: int = 64  # channels of the first conv block (w in SPEC.md)
+    width: int = 64  # channels of the first conv block (w in docs/method.md)
     latent: int = 1000
     code_hidden: int = 4096  # width of the code discriminator's hidden layers
     batch: int = 4
@@ -36,9 +40,14 @@ class Config:
     intensity: tuple[float, float] = (0.7, 1.0)  # foreground scale range of the augmentation
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 elsewhere)
+    # auto: bf16 on GPUs with native bf16 (Ampere and newer), fp16 with loss scaling on older ones (T4, V100),
+    # fp32 on the CPU.
+    precision: str = "auto"
     channels_last: bool = False
     compile: bool = False  # torch.compile E and G (not the critics: their penalty needs double backward)
+    # Replay each update as a CUDA graph after a few eager iterations (one GPU, fp32 or bf16, no compile):
+    # at the paper's batch of 4 the GPU otherwise waits on Python launching several hundred small kernels.
+    cuda_graphs: bool = True
     log_every: int = 10
     sample_every: int = 500
     ckpt_every: int = 1000
@@ -71,11 +80,14 @@ class Config:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.size < 16 or self.size & (self.size - 1):
             raise ValueError(f"size must be a power of two >= 16, got {self.size}")
-        for name in ("width", "latent", "batch", "g_steps", "d_steps", "code_hidden"):
+        for name in ("width", "latent", "batch", "g_steps", "d_steps", "code_hidden", "iters", "n_subjects"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("log_every", "sample_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self
 
 
@@ -102,7 +114,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         ckpt_every=2,
         n_fixed=2,
     ),
-    # A laptop or a CI-sized machine: brain-shaped samples within minutes (SPEC.md "Pitfalls measured").
+    # A laptop or a CI-sized machine: blurry but brain-shaped samples within minutes (README, docs/).
     "cpu": dict(
         size=32,
         width=16,
@@ -115,7 +127,21 @@ PROFILES: dict[str, dict[str, Any]] = {
         sample_every=50,
         ckpt_every=100,
     ),
-    # The paper: 64^3, width 64, latent 1000, batch 4.
+    # One GPU: the paper's networks at 64^3, trained for as many iterations as let the whole course (11 models)
+    # finish in about 45 minutes on one H100 (README, "The GPU course").
+    "gpu": dict(
+        size=64,
+        width=64,
+        latent=1000,
+        code_hidden=4096,
+        batch=4,
+        iters=GPU_ITERS,
+        n_subjects=991,
+        log_every=50,
+        sample_every=1000,
+        ckpt_every=1000,
+    ),
+    # The paper's full schedule: 64^3, width 64, latent 1000, batch 4, 100 000 iterations.
     "paper": dict(
         size=64,
         width=64,
@@ -131,6 +157,59 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class Course:
+    """What the notebooks do at a profile besides one training run's `Config`: cohort and evaluation sizes, the
+    iterations of the models that notebooks 04-06 train, and the minutes each notebook took when last measured
+    on the machine named in the README's course map (absent: not measured for this profile)."""
+
+    data_subjects: int  # 01: subjects written as NIfTI and prepared
+    eval_iters: int | None  # 04: iterations per model (None: the profile's)
+    eval_subjects: int | None  # 04: training cohort (None: the profile's)
+    n_eval: int  # 04: real and generated volumes per model
+    pairs: int  # 04: random pairs for MS-SSIM
+    diseased_iters: int | None  # 05
+    diseased_subjects: int | None  # 05
+    diseased_eval: int  # 05: real and generated volumes compared per cohort
+    aug_real: int  # 06: real training subjects per class
+    aug_generated: int  # 06: generated volumes per class
+    aug_test: int  # 06: held-out real test subjects per class
+    aug_iters: int | None  # 06: generator training
+    aug_seeds: int  # 06: classifier seeds
+    minutes: dict[str, float] = dataclasses.field(default_factory=dict)  # "03": 3.6, ...
+
+
+COURSE: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        data_subjects=12, eval_iters=4, eval_subjects=12, n_eval=16, pairs=40, diseased_iters=4, diseased_subjects=12,
+        diseased_eval=8, aug_real=4, aug_generated=8, aug_test=8, aug_iters=4, aug_seeds=2,
+    ),
+    "cpu": dict(
+        data_subjects=128, eval_iters=60, eval_subjects=64, n_eval=48, pairs=200, diseased_iters=60,
+        diseased_subjects=64, diseased_eval=24, aug_real=8, aug_generated=32, aug_test=40, aug_iters=60, aug_seeds=3,
+        minutes={"01": 0.4, "02": 0.1, "03": 3.6, "04": 3.8, "05": 2.4, "06": 1.5},
+    ),
+    # 04 trains the four models at the profile's settings, so it reuses notebook 03's alpha-WGAN-GP.
+    "gpu": dict(
+        data_subjects=64, eval_iters=None, eval_subjects=None, n_eval=256, pairs=1000, diseased_iters=None,
+        diseased_subjects=256, diseased_eval=128, aug_real=32, aug_generated=128, aug_test=200, aug_iters=None,
+        aug_seeds=5,
+    ),
+    "paper": dict(
+        data_subjects=64, eval_iters=None, eval_subjects=None, n_eval=512, pairs=1000, diseased_iters=None,
+        diseased_subjects=None, diseased_eval=256, aug_real=32, aug_generated=128, aug_test=200, aug_iters=None,
+        aug_seeds=5,
+    ),
+}  # fmt: skip
+
+
+def course_settings(profile: str, **overrides: Any) -> Course:
+    """The course's settings at `profile`; `overrides` that are None keep the profile's value."""
+    if profile not in COURSE:
+        raise ValueError(f"profile must be one of {sorted(COURSE)}, got {profile!r}")
+    return Course(**{**COURSE[profile], **{k: v for k, v in overrides.items() if v is not None}})
+
+
 def make_config(profile: str = "cpu", model: str = "alpha-wgan-gp", **overrides: Any) -> Config:
     """The settings of `profile` for `model`, with `overrides` applied last."""
     if profile not in PROFILES:
@@ -143,14 +222,15 @@ def make_config(profile: str = "cpu", model: str = "alpha-wgan-gp", **overrides:
 
 
 def default_profile() -> str:
-    """`paper` when a CUDA GPU is present, `cpu` otherwise."""
+    """`gpu` when a CUDA GPU is present, `cpu` otherwise."""
     import torch
 
-    return "paper" if torch.cuda.is_available() else "cpu"
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def device_banner(profile: str, cfg: Config, minutes: float | None = None) -> str:
-    """One line saying where this runs, with which settings and for how long, for the top of a notebook."""
+def device_banner(profile: str, cfg: Config, notebook: str | None = None) -> str:
+    """One line saying where this runs and with which settings, for the top of a notebook, and how long the
+    notebook took at this profile when last measured (the README's course map)."""
     import os
 
     import torch
@@ -160,6 +240,8 @@ def device_banner(profile: str, cfg: Config, minutes: float | None = None) -> st
         f"{where}: profile {profile}, {cfg.model}, {cfg.size}³ volumes, width {cfg.width}, latent {cfg.latent}, "
         f"batch {cfg.batch}, {cfg.iters} iterations"
     )
+    minutes = COURSE[profile].get("minutes", {}).get(notebook) if notebook else None
     if minutes is None:
         return line
-    return line + ("; under a minute" if minutes < 1 else f"; about {minutes:.0f} minutes")
+    took = "under a minute" if minutes < 1 else f"{minutes:.1f} minutes"
+    return line + f"; this notebook took {took} on the course map's machine"

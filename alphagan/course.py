@@ -24,8 +24,10 @@ def notebooks(only: str | None = None, directory: Path = NOTEBOOK_DIR) -> list[P
         wanted = {w.strip().zfill(2) for w in only.split(",") if w.strip()}
         unknown = wanted - {p.name[:2] for p in found}
         if unknown:
-            raise ValueError(f"no notebook numbered {sorted(unknown)}; there are {[p.name[:2] for p in found]}")
+            raise ValueError(f"--only: no notebook numbered {sorted(unknown)}; there are {[p.name[:2] for p in found]}")
         found = [p for p in found if p.name[:2] in wanted]
+        if not found:
+            raise ValueError(f"--only {only!r} names no notebook; give numbers such as 01,03")
     return found
 
 
@@ -35,12 +37,14 @@ def _failed_cell(executed: Path) -> str:
         nb = json.loads(executed.read_text())
     except (OSError, ValueError):
         return "unknown cell"
-    for index, cell in enumerate(nb.get("cells", [])):
+    # Numbered as in the source notebook, from 1: the cell papermill injects with the parameters is not counted.
+    cells = [c for c in nb.get("cells", []) if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    for number, cell in enumerate(cells, 1):
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
                 first = "".join(cell.get("source", "")).strip().splitlines()[:1]
                 where = first[0][:60] if first else "empty"
-                return f"cell {index} ({where}): {output.get('ename')}: {output.get('evalue')}"
+                return f"cell {number} ({where}): {output.get('ename')}: {output.get('evalue')}"
     return "unknown cell"
 
 
@@ -76,10 +80,10 @@ def run_course(
     from alphagan.config import default_profile
 
     profile = profile or default_profile()
+    selected = notebooks(only, notebook_dir)  # checked before anything is created
     run_dir = Path(out) if out else Path("runs") / f"course-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
-    selected = notebooks(only, notebook_dir)
     print(f"course: profile {profile}, {len(selected)} notebooks, run folder {run_dir}", flush=True)
     timings: list[tuple[str, float]] = []
     for i, notebook in enumerate(selected, 1):

@@ -1,5 +1,7 @@
 """`python -m alphagan evaluate`: the paper's Table 1 and Fig. 3 for one or more trained models, and more.
 
+Taught in notebook 04.
+
 The real side is a held-out set: a prepared cache the models did not train on, or, for runs trained on the
 synthetic cohort, subjects of another seed (never the augmented training set, which is what the paper's
 numbers were computed against). Generators sample in eval mode with BatchNorm statistics recomputed on N(0, I)
@@ -10,15 +12,17 @@ codes. Everything is written to one folder: `results.json`, `table.md`, `pca.png
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from alphagan import metrics
+from alphagan import anatomy, features, metrics
 from alphagan.config import Config
-from alphagan.data.dataset import load_training_volumes
+from alphagan.data.dataset import Source, load_training_volumes
+from alphagan.data.prepare import load_cache
 from alphagan.data.space import cube_affine
 from alphagan.sampling import generate, load_generator
 
@@ -36,7 +40,7 @@ def _run_data(checkpoint: str | Path) -> str | None:
 
 def real_volumes(real: str, size: int, n: int, training_seed: int = 0) -> tuple[np.ndarray, float, str]:
     """Held-out real volumes, their cube edge in mm, and a sentence saying what they are."""
-    if real.startswith("synth"):
+    if Source.parse(real).synthetic:
         seed = training_seed + HELD_OUT_SEED_OFFSET
         volumes, fov = load_training_volumes(real, size, n, seed=seed, progress=False)
         return volumes, fov, f"{n} synthetic subjects of cohort seed {seed} ({real}), never seen in training"
@@ -69,6 +73,9 @@ def evaluate(
     from alphagan.viz import nearest_pairs, pca_scatter, use_headless_backend, volume_histograms
 
     use_headless_backend()
+    source = Source.parse(real)  # a bad --real is named before any model is loaded
+    if not source.synthetic:
+        load_cache(source.cache)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,9 +85,9 @@ def evaluate(
         raise ValueError(f"the checkpoints generate different sizes {sorted(sizes)}; evaluate them separately")
     size = sizes.pop()
     training_seed = models[0][1].seed
-    real_set, real_fov, real_text = real_volumes(real, size, n, training_seed)
+    real_set, real_fov_mm, real_text = real_volumes(real, size, n, training_seed)
     mmd_batch = min(mmd_batch, len(real_set))  # the paper's B = 8, unless fewer real volumes are at hand
-    real_affine = cube_affine(size, real_fov)
+    real_affine = cube_affine(size, real_fov_mm)
     results: dict = {
         "real": {"data": real_text, "n": len(real_set)},
         "models": {},
@@ -94,14 +101,16 @@ def evaluate(
             "contrast": contrast,
         },
     }
-    if any(_run_data(c) == real for c in checkpoints) and not real.startswith("synth"):
-        results["real"]["warning"] = "this cache is a training set of at least one model: not held out"
+    if not source.synthetic and any(_run_data(c) == str(source) for c in checkpoints):
+        warning = f"{source.cache} is the training set of at least one model: not held out"
+        results["real"]["warning"] = warning
+        warnings.warn(warning, stacklevel=2)
     results["real"]["ms_ssim"], results["real"]["ms_ssim_std"] = metrics.diversity(real_set, pairs, seed=seed)
-    real_anatomy = [metrics.tissue_volumes(v, real_affine, contrast) for v in real_set[:n_anatomy]]
+    real_anatomy = [anatomy.tissue_volumes(v, real_affine, contrast) for v in real_set[:n_anatomy]]
     results["real"]["anatomy"] = {q: float(np.mean([a[q] for a in real_anatomy])) for q in QUANTITIES}
-    feature_net = metrics.load_feature_network(feature_weights).to(device) if feature_weights else None
+    feature_net = features.load_feature_network(feature_weights).to(device) if feature_weights else None
 
-    generated_sets, anatomy, nearest = {}, {}, {}
+    generated_sets, tissues, nearest = {}, {}, {}
     for checkpoint, (G, cfg, state) in zip(checkpoints, models):
         name = _name(checkpoint, cfg, set(generated_sets))
         fake = generate(G, len(real_set), cfg.latent, seed=seed + 1)[:, 0].numpy()
@@ -109,8 +118,8 @@ def evaluate(
         mmd = metrics.mmd_batchwise(real_set, fake, mmd_batch, mmd_repetitions, seed=seed)
         gauss, sigma = metrics.mmd_gaussian(real_set, fake)
         div, div_std = metrics.diversity(fake, pairs, seed=seed)
-        fake_affine = cube_affine(size, state.get("fov_mm", real_fov))
-        anatomy[name] = [metrics.tissue_volumes(v, fake_affine, contrast) for v in fake[:n_anatomy]]
+        fake_affine = cube_affine(size, state.get("fov_mm", real_fov_mm))
+        tissues[name] = [anatomy.tissue_volumes(v, fake_affine, contrast) for v in fake[:n_anatomy]]
         row = {
             "checkpoint": str(checkpoint),
             "iteration": state["iter"],
@@ -123,9 +132,9 @@ def evaluate(
             "mmd_gaussian_sigma": sigma,
             "ms_ssim": div,
             "ms_ssim_std": div_std,
-            "anatomy": {q: float(np.mean([a[q] for a in anatomy[name]])) for q in QUANTITIES},
+            "anatomy": {q: float(np.mean([a[q] for a in tissues[name]])) for q in QUANTITIES},
             "anatomy_wasserstein_ml": {
-                q: metrics.wasserstein_1d([a[q] for a in anatomy[name]], [a[q] for a in real_anatomy])
+                q: metrics.wasserstein_1d([a[q] for a in tissues[name]], [a[q] for a in real_anatomy])
                 for q in QUANTITIES
             },
         }
@@ -142,7 +151,7 @@ def evaluate(
             }
             nearest[name] = (fake, np.asarray(train_set), memo)
         if feature_net is not None:
-            row["frechet"] = metrics.frechet_feature_distance(feature_net, real_set, fake)
+            row["frechet"] = features.frechet_feature_distance(feature_net, real_set, fake)
         results["models"][name] = row
 
     real_2d, projected, variance = metrics.pca_projection(real_set, generated_sets, seed=seed)
@@ -150,7 +159,7 @@ def evaluate(
     pca_scatter(real_2d, projected, variance).savefig(out / "pca.png", dpi=90, bbox_inches="tight")
     volume_histograms(
         {q: [a[q] for a in real_anatomy] for q in QUANTITIES},
-        {m: {q: [a[q] for a in rows] for q in QUANTITIES} for m, rows in anatomy.items()},
+        {m: {q: [a[q] for a in rows] for q in QUANTITIES} for m, rows in tissues.items()},
     ).savefig(out / "volumes.png", dpi=90, bbox_inches="tight")
     if nearest:
         name, (fake, train_set, memo) = next(iter(nearest.items()))

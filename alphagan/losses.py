@@ -1,4 +1,6 @@
-"""The losses of the alpha-WGAN-GP (the paper's eq. 1-3, SPEC.md) and of the three baselines of Table 1.
+"""The losses of the alpha-WGAN-GP (the paper's eq. 1-3, docs/method.md) and of the baselines of Table 1.
+
+Taught in notebook 03.
 
 Each function takes the networks and a batch and returns (loss, terms): the scalar to minimise and a dict of
 its detached parts for the log. Which networks a loss may update is decided by the caller (the training loop
@@ -28,8 +30,11 @@ def gradient_penalty(
 
     One alpha ~ U(0, 1) per sample; the norm is taken over all elements of each sample (every voxel), not per
     voxel as in the authors' WGAN-GP baseline. `fake` is detached. The result keeps its graph
-    (create_graph=True), so minimising it trains the critic. The critic's output may be reduced precision
-    (autocast); the gradient and its norm are computed in float32.
+    (create_graph=True), so minimising it trains the critic. `alpha` is drawn here when not given; the training
+    loop passes its own draws so that every random number of a run comes from one checkpointed generator.
+
+    Precision: x_hat and the norm are float32, but under autocast the backward pass runs through the critic's
+    bf16/fp16 convolutions, so the gradient carries their rounding (per-sample norms within about 0.3 % of fp32).
     """
     real, fake = real.detach().float(), fake.detach().float()
     if alpha is None:
@@ -63,13 +68,22 @@ def alpha_wgan_gp_eg(
 
 
 def alpha_wgan_gp_d(
-    E: nn.Module, G: nn.Module, D: nn.Module, x: Tensor, z_r: Tensor, lambda_gp: float
+    E: nn.Module,
+    G: nn.Module,
+    D: nn.Module,
+    x: Tensor,
+    z_r: Tensor,
+    lambda_gp: float,
+    alphas: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Terms]:
-    """L_D = E[D(x_rec)] + E[D(x_rand)] - 2 E[D(x)] + lambda_1 (GP_D(x, x_rec) + GP_D(x, x_rand))."""
+    """L_D = E[D(x_rec)] + E[D(x_rand)] - 2 E[D(x)] + lambda_1 (GP_D(x, x_rec) + GP_D(x, x_rand)).
+
+    `alphas`: the mixing weights of the two penalties (drawn here when not given)."""
     with torch.no_grad():
         x_rec, x_rand = G(E(x)), G(z_r)
     d_real, d_rec, d_rand = D(x).float().mean(), D(x_rec).float().mean(), D(x_rand).float().mean()
-    gp = gradient_penalty(D, x, x_rec) + gradient_penalty(D, x, x_rand)
+    a_rec, a_rand = alphas if alphas is not None else (None, None)
+    gp = gradient_penalty(D, x, x_rec, a_rec) + gradient_penalty(D, x, x_rand, a_rand)
     loss = d_rec + d_rand - 2.0 * d_real + lambda_gp * gp
     # The critic's estimate of the Wasserstein distance between real and random samples.
     return loss, {
@@ -80,12 +94,14 @@ def alpha_wgan_gp_d(
     }
 
 
-def alpha_wgan_gp_c(E: nn.Module, C: nn.Module, x: Tensor, z_r: Tensor, lambda_gp: float) -> tuple[Tensor, Terms]:
+def alpha_wgan_gp_c(
+    E: nn.Module, C: nn.Module, x: Tensor, z_r: Tensor, lambda_gp: float, alpha: Tensor | None = None
+) -> tuple[Tensor, Terms]:
     """L_C = E[C(z_e)] - E[C(z_r)] + lambda_1 GP_C(z_r, z_e), on codes z_e = E(x) computed without gradient."""
     with torch.no_grad():
         z_e = E(x).float()
     c_enc, c_prior = C(z_e).float().mean(), C(z_r).float().mean()
-    gp = gradient_penalty(C, z_r, z_e)
+    gp = gradient_penalty(C, z_r, z_e, alpha)
     loss = c_enc - c_prior + lambda_gp * gp
     return loss, {"loss_c": loss.detach(), "gp_c": gp.detach(), "w_dist_code": (c_prior - c_enc).detach()}
 
@@ -124,12 +140,14 @@ def wgan_gp_g(G: nn.Module, D: nn.Module, z_r: Tensor) -> tuple[Tensor, Terms]:
     return loss, {"loss_g": loss.detach()}
 
 
-def wgan_gp_d(G: nn.Module, D: nn.Module, x: Tensor, z_r: Tensor, lambda_gp: float) -> tuple[Tensor, Terms]:
+def wgan_gp_d(
+    G: nn.Module, D: nn.Module, x: Tensor, z_r: Tensor, lambda_gp: float, alpha: Tensor | None = None
+) -> tuple[Tensor, Terms]:
     """L_D = E[D(G(z))] - E[D(x)] + lambda GP_D(x, G(z)), with the per-sample penalty."""
     with torch.no_grad():
         x_rand = G(z_r)
     d_real, d_rand = D(x).float().mean(), D(x_rand).float().mean()
-    gp = gradient_penalty(D, x, x_rand)
+    gp = gradient_penalty(D, x, x_rand, alpha)
     loss = d_rand - d_real + lambda_gp * gp
     return loss, {"loss_d": loss.detach(), "gp_d": gp.detach(), "w_dist": (d_real - d_rand).detach()}
 

@@ -4,9 +4,11 @@
 - 3D SSIM and MS-SSIM (Gaussian windows, the correct product over scales, a stated data range), and the
   diversity score of the paper's Table 1: mean MS-SSIM over random pairs of volumes.
 - PCA of real and generated volumes on one projection fitted on the real set (the paper's Fig. 3).
-- Anatomy: brain, GM, WM, CSF and ventricle volumes from a three-class mixture model inside the brain.
 - Memorisation: each generated volume's nearest training volume, against held-out real volumes' nearest.
-- A Fréchet distance on features of a user-provided 3D network (MedicalNet-style ResNet weights, by path).
+- The earth mover's distance between two samples of one quantity (tissue or lesion volumes).
+
+Anatomy (tissue and lesion volumes) lives in `alphagan.anatomy`, the feature network and the Fréchet distance in
+`alphagan.features`. Definitions: docs/method.md, section 5. Taught in notebook 04.
 
 Volumes are arrays or tensors of shape (N, S, S, S) or (N, 1, S, S, S) in [-1, 1] unless said otherwise.
 """
@@ -14,14 +16,13 @@ Volumes are arrays or tensors of shape (N, S, S, S) or (N, 1, S, S, S) in [-1, 1
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in the paper's code
 
@@ -80,10 +81,11 @@ def mmd_batchwise(real, fake, batch: int = 8, repetitions: int = 100, seed: int 
 
 
 def median_bandwidth(x: Tensor, y: Tensor) -> float:
-    """The median heuristic: the median distance between distinct points of the pooled sample."""
+    """The median heuristic: the median distance between distinct points of the pooled sample (numpy's median,
+    the mean of the two middle values for an even count; torch.median would take the lower one)."""
     pooled = torch.cat([x, y])
     d = torch.cdist(pooled, pooled)
-    return float(d[~torch.eye(len(pooled), dtype=torch.bool)].median())
+    return float(np.median(d[~torch.eye(len(pooled), dtype=torch.bool)].numpy()))
 
 
 def mmd_gaussian(real, fake, bandwidth: float | None = None) -> tuple[float, float]:
@@ -119,6 +121,9 @@ class SSIMSettings:
 
     @property
     def weights(self) -> tuple[float, ...]:
+        """Wang et al.'s five weights as published (they sum to 1.0001); fewer scales renormalise the first ones."""
+        if self.scales == len(MS_SSIM_WEIGHTS):
+            return MS_SSIM_WEIGHTS
         w = MS_SSIM_WEIGHTS[: self.scales]
         return tuple(x / sum(w) for x in w)
 
@@ -174,7 +179,9 @@ def ssim3d(x, y, settings: SSIMSettings | None = None) -> Tensor:
 def ms_ssim3d(x, y, settings: SSIMSettings | None = None) -> Tensor:
     """3D MS-SSIM per pair: prod_{j<M} cs_j^{w_j} * ssim_M^{w_M}, each weight applied once (the authors' code
     applied the coarsest weight four times). Negative terms are clipped at 0 before the power, as in
-    pytorch-msssim; volumes are halved between scales by 2^3 average pooling."""
+    pytorch-msssim, so one negative coarse-scale term makes the whole score 0 (at 64^3 the coarsest scale has
+    only 2^3 window positions, and independent noise volumes score exactly 0). Volumes are halved between scales
+    by 2^3 average pooling. Definitions: docs/method.md, section 5."""
     x, y = _as5d(x).double(), _as5d(y).double()
     s = settings or ms_ssim_settings(x.shape[-1])
     need = (s.win_size - 1) * 2 ** (s.scales - 1) + 1
@@ -221,54 +228,6 @@ def pca_projection(real, generated: dict[str, np.ndarray], components: int = 2, 
     return pca.transform(_flat(real).numpy()), projected, pca.explained_variance_ratio_
 
 
-# ------------------------------------------------------------------------------------------------ anatomy
-TISSUES = ("csf", "gm", "wm")
-VENTRICLE_BOX_MM = ((-30, 30), (-45, 25), (-5, 35))  # x, y, z in the course's MNI-centred space
-
-
-def segment(volume: np.ndarray, contrast: str = "t1", threshold: float = -0.9, seed: int = 0) -> dict[str, np.ndarray]:
-    """Soft CSF / GM / WM maps inside the brain from a three-class Gaussian mixture on intensities.
-
-    The brain is every voxel above `threshold` (background is -1 in prepared and generated volumes). Classes
-    are named by their mean intensity in the contrast's order (T1w: CSF < GM < WM; T2w: WM < GM < CSF).
-    """
-    from sklearn.mixture import GaussianMixture
-
-    volume = np.asarray(volume, dtype=np.float64).reshape(np.shape(volume)[-3:])
-    brain = volume > threshold
-    values = volume[brain].reshape(-1, 1)
-    if len(values) < 30:
-        raise ValueError("fewer than 30 brain voxels: nothing to segment")
-    # CSF is the smallest class inside a brain mask: start the darkest component low (T1w; for T2w the order of
-    # the components is reversed below, the starting points serve both).
-    init = np.percentile(values, [5, 40, 85]).reshape(-1, 1)
-    gmm = GaussianMixture(3, means_init=init, random_state=seed).fit(values)
-    posterior = gmm.predict_proba(values)
-    order = np.argsort(gmm.means_.ravel())  # dark to bright
-    names = {"t1": TISSUES, "flair": TISSUES, "t2": ("wm", "gm", "csf")}[contrast]
-    maps = {}
-    for name, component in zip(names, order):
-        m = np.zeros(volume.shape)
-        m[brain] = posterior[:, component]
-        maps[name] = m
-    maps["brain"] = brain.astype(np.float64)
-    return maps
-
-
-def tissue_volumes(volume: np.ndarray, affine: np.ndarray, contrast: str = "t1") -> dict[str, float]:
-    """Brain, GM, WM, CSF and ventricle volumes in mL. Ventricles: CSF inside a box around the brain's centre."""
-    maps = segment(volume, contrast)
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-    out = {f"{k}_ml": float(maps[k].sum() * voxel_ml) for k in ("brain", "gm", "wm", "csf")}
-    ijk = np.indices(maps["csf"].shape).reshape(3, -1)
-    xyz = (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape(3, *maps["csf"].shape)
-    box = np.ones(maps["csf"].shape, dtype=bool)
-    for axis, (lo, hi) in enumerate(VENTRICLE_BOX_MM):
-        box &= (xyz[axis] > lo) & (xyz[axis] < hi)
-    out["ventricle_ml"] = float((maps["csf"] * box * (maps["csf"] > 0.5)).sum() * voxel_ml)
-    return out
-
-
 def wasserstein_1d(a: Sequence[float], b: Sequence[float]) -> float:
     """Earth mover's distance between two samples of one quantity (scipy's, in the quantity's units)."""
     from scipy.stats import wasserstein_distance
@@ -304,138 +263,3 @@ def memorisation(generated, training, heldout) -> Memorisation:
     h, _ = nearest_neighbours(heldout, training)
     ratio = float(np.median(g) / np.median(h)) if np.median(h) > 0 else None
     return Memorisation(g, gi, h, ratio, float(np.mean(g < np.percentile(h, 5))))
-
-
-# ------------------------------------------------------------------------------------------------ Fréchet
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the Fréchet distance between two Gaussians."""
-    from scipy import linalg
-
-    with warnings.catch_warnings():  # a singular product is detected and handled just below
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(cov1 @ cov2)
-    if not np.isfinite(covmean).all() or np.abs(covmean.imag).max() > 1e-3 * np.abs(covmean.real).max():
-        # Fewer samples than features make the covariances singular: regularise, as FID implementations do.
-        eps = np.eye(len(cov1)) * 1e-6 * max(np.trace(cov1), np.trace(cov2)) / len(cov1)
-        covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int = 1, dilation: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv3d(c_in, c_out, 3, stride, dilation, dilation=dilation, bias=False)
-        self.bn1 = nn.BatchNorm3d(c_out)
-        self.conv2 = nn.Conv3d(c_out, c_out, 3, 1, dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm3d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv3d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm3d(c_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet3D(nn.Module):
-    """The 3D ResNet-10/18 of MedicalNet (Chen et al., 2019) up to its pooled 512-d features.
-
-    Layer names follow MedicalNet's checkpoints (conv1, bn1, layer1..layer4), so their `resnet_10.pth` or
-    `resnet_18.pth` load by path; their segmentation head is ignored.
-    """
-
-    def __init__(self, depth: int = 10):
-        super().__init__()
-        blocks = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2)}[depth]
-        self.conv1 = nn.Conv3d(1, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm3d(64)
-        self.maxpool = nn.MaxPool3d(3, 2, 1)
-        specs = ((64, 1, 1), (128, 2, 1), (256, 1, 2), (512, 1, 4))  # channels, stride, dilation
-        c_in = 64
-        for i, ((c_out, stride, dilation), n) in enumerate(zip(specs, blocks), 1):
-            layers = [_BasicBlock(c_in, c_out, stride, dilation)] + [
-                _BasicBlock(c_out, c_out, 1, dilation) for _ in range(n - 1)
-            ]
-            setattr(self, f"layer{i}", nn.Sequential(*layers))
-            c_in = c_out
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.mean(dim=(2, 3, 4))
-
-
-def load_feature_network(path: str, depth: int = 10) -> ResNet3D:
-    """A ResNet3D with weights from `path` (a MedicalNet checkpoint or a plain state dict), read with
-    weights_only=True. Keys of MedicalNet's DataParallel checkpoints ('module.' prefix) are accepted."""
-    net = ResNet3D(depth)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        missing, _ = net.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: not a 3D ResNet-{depth} checkpoint ({str(exc).splitlines()[-1].strip()})") from None
-    if missing:
-        raise ValueError(f"{path}: not a 3D ResNet-{depth} checkpoint; missing {missing[:5]}")
-    return net.eval()
-
-
-@torch.no_grad()
-def features(net: nn.Module, volumes, batch: int = 8) -> np.ndarray:
-    """Pooled features of each volume (MedicalNet expects z-scored intensities: we standardise per volume)."""
-    v = _as5d(volumes)
-    v = (v - v.mean(dim=(2, 3, 4), keepdim=True)) / v.std(dim=(2, 3, 4), keepdim=True).clamp(min=1e-6)
-    device = next(net.parameters()).device
-    return torch.cat([net(v[i : i + batch].to(device)).cpu() for i in range(0, len(v), batch)]).double().numpy()
-
-
-def frechet_feature_distance(net: nn.Module, real, fake) -> float:
-    """Fréchet distance between Gaussians fitted to the network's features of real and generated volumes."""
-    a, b = features(net, real), features(net, fake)
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-
-
-# ------------------------------------------------------------------------------------------------ lesions
-def lesion_mask(volume: np.ndarray, kind: str, contrast: str, threshold: float = -0.9) -> np.ndarray:
-    """The largest connected lesion-like region of a volume in [-1, 1] (RAS: left-right is the first axis).
-
-    Lesions here are one-sided and the healthy brain nearly symmetric, so a lesion voxel differs from its
-    left-right mirror: brighter by more than 0.3 for tumours in FLAIR and T2w; darker by more than 0.4 and darker
-    than the brain's median for strokes and tumours in T1w (dark lesions compete with the sulci's CSF, whose
-    natural asymmetries need the stricter rule: on 12 synthetic strokes it raised the correlation of measured
-    with true stroke volumes from 0.13 to 0.63; tumours: 0.89 in FLAIR, 0.86 in T2w).
-    """
-    from scipy import ndimage
-
-    if kind not in ("tumor", "stroke"):
-        raise ValueError(f"kind must be tumor or stroke, got {kind!r}")
-    volume = np.asarray(volume, dtype=np.float64).reshape(np.shape(volume)[-3:])
-    mirror = volume[::-1]
-    brain = (volume > threshold) & (mirror > threshold)
-    if kind == "tumor" and contrast in ("flair", "t2"):
-        candidate = brain & (volume - mirror > 0.3)
-    else:
-        candidate = brain & (mirror - volume > 0.4) & (volume < np.median(volume[brain]))
-    labels, n = ndimage.label(ndimage.binary_opening(candidate))
-    if n == 0:
-        return np.zeros(volume.shape, dtype=bool)
-    sizes = ndimage.sum_labels(np.ones_like(volume), labels, index=np.arange(1, n + 1))
-    return labels == 1 + int(np.argmax(sizes))
-
-
-def lesion_stats(volume: np.ndarray, affine: np.ndarray, kind: str, contrast: str) -> dict[str, float]:
-    """Volume (mL) and centre (mm, world coordinates) of the largest lesion-like region; NaN centre if none."""
-    mask = lesion_mask(volume, kind, contrast)
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-    if not mask.any():
-        return {"lesion_ml": 0.0, "lesion_x_mm": np.nan, "lesion_y_mm": np.nan, "lesion_z_mm": np.nan}
-    centre = affine[:3, :3] @ np.argwhere(mask).mean(0) + affine[:3, 3]
-    return {
-        "lesion_ml": float(mask.sum() * voxel_ml),
-        "lesion_x_mm": float(centre[0]),
-        "lesion_y_mm": float(centre[1]),
-        "lesion_z_mm": float(centre[2]),
-    }

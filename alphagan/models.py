@@ -1,4 +1,4 @@
-"""The four networks of the 3D alpha-GAN (SPEC.md, "Networks") and the baselines' variants.
+"""The four networks of the 3D alpha-GAN (docs/method.md, section 1) and the baselines' variants (notebook 02).
 
 At 64^3 the discriminator and encoder halve the volume four times (64 -> 32 -> 16 -> 8 -> 4) and a last 4^3
 convolution reduces it to one value (D) or one latent vector (E); the generator mirrors this with

@@ -1,11 +1,12 @@
 """Drawing volumes from a trained generator, with BatchNorm statistics that belong to random codes.
 
 During alpha-GAN training the generator's BatchNorm running statistics average batches of encoder codes with
-batches of N(0, I) codes. Early in training the encoder's codes are far from N(0, I) (SPEC.md measured a
-standard deviation of about 4.3), so sampling in eval mode with those statistics can give a constant volume.
-The authors sampled in train mode (batch statistics), which makes a sample depend on the others in its batch.
-We do neither: before sampling, the generator's running statistics are recomputed on N(0, I) codes only
-(`calibrated_generator`), then the generator runs in eval mode, one volume independent of the next.
+batches of N(0, I) codes. Early in training the encoder's codes are far from N(0, I) (we measured a standard
+deviation of about 4.3; docs/method.md, section 6), so sampling in eval mode with those statistics can give a
+constant volume. The authors sampled in train mode (batch statistics), which makes a sample depend on the others
+in its batch. We do neither: before sampling, the generator's running statistics are recomputed on N(0, I) codes
+only (`calibrated_generator`), then the generator runs in eval mode, one volume independent of the next.
+Taught in notebook 03.
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
-"""The training loop of the 3D alpha-WGAN-GP and its baselines, top to bottom.
+"""The training loop of the 3D alpha-WGAN-GP and its baselines, top to bottom (taught in notebook 03).
 
-One iteration, as the paper orders it:
+One iteration runs the model's updates in the paper's order (`alphagan.steps.UPDATES`):
   1. encoder + generator, `g_steps` times (two real updates by default: a fresh batch and fresh noise each),
   2. discriminator, `d_steps` times (1; 5 for WGAN-GP),
   3. code discriminator (alpha-GANs only).
 While one network is updated the others are frozen (requires_grad off), so no step leaves gradients behind
 in a network it must not change.
+
+On a GPU the loop never waits for the host: the cohort lives on the GPU and is indexed and augmented there,
+every random number comes from one generator on the GPU, a loss that turns NaN is noticed on the device and
+read at log steps and before each checkpoint, and each update is replayed as a CUDA graph (`cuda_graphs`).
 
 Run it with `python -m alphagan train ...`, or for several GPUs `torchrun --nproc_per_node=K -m alphagan train ...`
 (DistributedDataParallel: each process draws its own batches and gradients are averaged. BatchNorm normalises
@@ -17,26 +21,29 @@ hold identical networks and the saved statistics have seen every process's data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from alphagan import losses
-from alphagan.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alphagan.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 from alphagan.config import Config
-from alphagan.data.dataset import augment, load_training_volumes
+from alphagan.data.dataset import Cohort, Source, load_training_volumes
+from alphagan.losses import Terms
 from alphagan.models import build_networks
 from alphagan.sampling import calibrated_generator, generate, save_nifti
+from alphagan.steps import UPDATES, Inputs, Update, draw, optimisers, set_trainable
 
 # Settings that must not change when a run is resumed (iterations, logging and device may).
 RUN_DEFINING = (
@@ -59,6 +66,7 @@ RUN_DEFINING = (
     "seed",
     "precision",
 )
+GRAPH_WARMUP = 3  # eager runs of each update before its capture (cuDNN autotuning, Adam's state)
 
 
 @dataclass
@@ -87,38 +95,232 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """bf16 autocast on CUDA GPUs that support it (no loss scaling needed), float32 elsewhere."""
+    """The autocast dtype. `auto`: bf16 where the GPU computes it natively (Ampere and newer), fp16 with loss
+    scaling on older GPUs (a T4 reports bf16 support through slow emulation), fp32 on other devices."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        if device.type != "cuda":
+            precision = "fp32"
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _set_frozen(nets: dict[str, nn.Module], trainable: tuple[str, ...]) -> None:
-    for name, net in nets.items():
-        net.requires_grad_(name in trainable)
+class FiniteWatch:
+    """Notices a non-finite loss term on the device, without stopping the host; `check` reads it (a sync).
 
+    Each update records, on the device, the index of the first update whose terms were not all finite and those
+    terms' values, so the message can name the term and the iteration even when it is read many steps later."""
 
-def _check_finite(terms: dict[str, torch.Tensor], iteration: int) -> None:
-    values = torch.stack([t.float() for t in terms.values()])
-    if not bool(torch.isfinite(values).all()):
-        bad = [f"{k} = {float(v)}" for k, v in terms.items() if not math.isfinite(float(v))]
+    def __init__(self, device: torch.device, updates_per_iteration: int, start: int):
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.snapshots: dict[str, tuple[list[str], torch.Tensor]] = {}
+        self.per_iteration, self.start = updates_per_iteration, start
+
+    def observe(self, name: str, terms: Terms) -> None:
+        values = torch.stack([t.detach().float() for t in terms.values()])
+        fresh = (self.first < 0) & ~torch.isfinite(values).all()
+        self.first.copy_(torch.where(fresh, self.count, self.first))
+        if name not in self.snapshots:
+            self.snapshots[name] = (list(terms), torch.zeros_like(values))
+        snapshot = self.snapshots[name][1]
+        snapshot.copy_(torch.where(fresh, values, snapshot))
+        self.count += 1
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        first = int(self.first)
+        if first < 0:
+            return
+        bad = [
+            f"{k} = {v}"
+            for keys, values in self.snapshots.values()
+            for k, v in zip(keys, values.tolist())
+            if not math.isfinite(v)
+        ]
+        where = f"the last checkpoint, {last_checkpoint.name}, is intact" if last_checkpoint else "no checkpoint yet"
         raise TrainingDiverged(
-            f"{', '.join(bad)} at iteration {iteration}; the run stopped before this update, "
-            f"the last checkpoint is intact (lower the learning rate or try --precision fp32)"
+            f"{', '.join(bad)} at iteration {self.start + first // self.per_iteration + 1}; the run stopped "
+            f"before writing another checkpoint and {where} (lower the learning rate or try --precision fp32)"
         )
 
 
-def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train `cfg.model` on `data` (a cache folder or `synth[:kind[:contrast]]`), writing everything to `out`."""
+class Updater:
+    """Runs each update: eagerly, or, with `graphs`, `GRAPH_WARMUP` times eagerly on a side stream, then captured
+    once as a CUDA graph and replayed. Replaying launches the update's hundreds of kernels in one call; the
+    inputs are read from the same tensors every time, which `draw(..., static=True)` refills."""
+
+    def __init__(self, steps: dict[str, Callable[[], Terms]], graphs: bool):
+        self.steps, self.graphs = steps, graphs
+        self.calls = dict.fromkeys(steps, 0)
+        self.captured: dict[str, tuple[torch.cuda.CUDAGraph, Terms]] = {}
+
+    def __call__(self, name: str) -> Terms:
+        if not self.graphs:
+            return self.steps[name]()
+        if name not in self.captured and self.calls[name] < GRAPH_WARMUP:
+            self.calls[name] += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                terms = self.steps[name]()
+            torch.cuda.current_stream().wait_stream(side)
+            return terms
+        if name not in self.captured:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                terms = self.steps[name]()
+            self.captured[name] = (graph, terms)
+        graph, terms = self.captured[name]
+        graph.replay()
+        return terms
+
+
+def _make_step(
+    update: Update,
+    nets: dict[str, nn.Module],
+    train_nets: dict[str, nn.Module],
+    optimiser: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    watch: FiniteWatch,
+    inputs: Inputs,
+    cfg: Config,
+) -> Callable[[], Terms]:
+    """The update as one call: the networks that learn are the trainable (DDP/compiled) ones, the others plain."""
+    called = {k: train_nets[k] if k in update.learns else net for k, net in nets.items()}
+
+    def step() -> Terms:
+        set_trainable(nets, update.learns)
+        with autocast():
+            loss, terms = update.loss(called, inputs, cfg)
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+        watch.observe(update.name, terms)
+        return terms
+
+    return step
+
+
+def _use_graphs(cfg: Config, device: torch.device, distributed: bool, amp_dtype: torch.dtype) -> bool:
+    """CUDA graphs where they are safe: one CUDA process, no compile, no fp16 loss scaling (host-side state)."""
+    single_cuda = device.type == "cuda" and not distributed
+    return cfg.cuda_graphs and single_cuda and not cfg.compile and amp_dtype != torch.float16
+
+
+def _all_finite(nets: dict[str, nn.Module]) -> bool:
+    """Every weight and statistic finite, read with one sync."""
+    tensors = [t for net in nets.values() for t in net.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _progress_picture(nets, cfg: Config, fixed_z, fixed_x, device, out: Path, it: int) -> None:
+    """Fixed-noise samples (G with recalibrated statistics) and reconstructions of fixed real volumes."""
+    import matplotlib.pyplot as plt
+
+    from alphagan.viz import three_plane_grid
+
+    G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
+    with torch.no_grad():
+        groups = {"samples": list(G(fixed_z.to(device)).float().cpu())}
+        if "E" in nets:
+            nets["E"].eval()
+            code = nets["E"](fixed_x.to(device))
+            code = code[0] if isinstance(code, tuple) else code  # VAE-GAN: the posterior mean
+            nets["E"].train()
+            # Reconstructions use batch statistics (a throw-away copy in train mode): the encoder's codes
+            # are not N(0, I) early in training, so the statistics calibrated for samples do not fit them.
+            groups["real"] = list(fixed_x)
+            groups["reconstructions"] = list(copy.deepcopy(nets["G"]).train()(code).float().cpu())
+    fig = three_plane_grid(groups, title=f"{cfg.model}, iteration {it}")
+    (out / "samples").mkdir(exist_ok=True)
+    fig.savefig(out / "samples" / f"iter_{it:06d}.png", dpi=80)
+    plt.close(fig)
+
+
+def _rng_state(cohort: Cohort, device: torch.device) -> dict:
+    state = {**cohort.state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples")
+
+
+def _claim_run_folder(out: Path, data: str, cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: a new run needs an empty one (or `overwrite`), a resumed run the
+    same data it was trained on."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if resume:
+        config = out / "config.json"
+        saved = json.loads(config.read_text()).get("data") if config.exists() else None
+        if saved is not None and saved != data:
+            raise ValueError(f"{config}: this run trained on {saved}, not {data}; resume with --data {saved}")
+    elif held and not overwrite:
+        raise FileExistsError(
+            f"{out}: already holds a run ({', '.join(held)}); add --resume to continue it, --overwrite to replace "
+            f"it, or choose another --out"
+        )
+    elif held and int(os.environ.get("RANK", 0)) == 0:
+        for name in held:  # only the run's own files: anything else in the folder stays
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _restore(state: dict, cfg: Config, nets, optimisers_, cohort: Cohort, device, rank: int, path: Path) -> int:
+    """Load a checkpoint's networks, optimisers and random states; returns its iteration."""
+    saved = Config.from_dict(state["config"])
+    changed = [k for k in RUN_DEFINING if getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(
+            f"{path}: saved with different {', '.join(changed)} "
+            f"({', '.join(f'{getattr(saved, k)} != {getattr(cfg, k)}' for k in changed)}); resume with the "
+            f"run's own settings (its config.json) or train into a new --out"
+        )
+    if state["iter"] > cfg.iters:
+        raise ValueError(f"{path}: the run is at iteration {state['iter']}, beyond --iters {cfg.iters}")
+    for k, net in nets.items():
+        net.load_state_dict(state["nets"][k])
+    for k, opt in optimisers_.items():
+        opt.load_state_dict(state["optimisers"][k])
+    rng = state["rng"][rank]
+    try:
+        cohort.set_state(rng)
+    except (RuntimeError, KeyError) as exc:  # saved on another kind of device: the draws cannot continue exactly
+        raise ValueError(f"{path}: its random state is for another device; resume on the device that saved it") from exc
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return int(state["iter"])
+
+
+def train(
+    cfg: Config,
+    data: str,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    after_iteration: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train `cfg.model` on `data` (a cache folder or `synth[:kind[:contrast]]`), writing everything to `out`.
+
+    `out` must not hold a run already, unless `resume` continues it or `overwrite` deletes it first (only the run's
+    own files). `after_iteration(done)` is called after every iteration (a profiler's `step`, a notebook's own
+    display)."""
     from tqdm.auto import tqdm
 
-    from alphagan.viz import three_plane_grid, use_headless_backend
+    from alphagan.viz import use_headless_backend
 
     cfg = cfg.validate()
     out = Path(out)
+    data = str(Source.parse(data))  # a cache as its absolute path: the run can be evaluated from anywhere
     use_headless_backend()
+    _claim_run_folder(out, data, cfg, resume, overwrite)
 
-    # ---- processes and device ---------------------------------------------------------------------------
+    # ---- processes, device, precision -------------------------------------------------------------------
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     device = pick_device(cfg.device)
     if distributed:
@@ -134,38 +336,24 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+    graphs = _use_graphs(cfg, device, distributed, amp_dtype)
 
-    # ---- data ---------------------------------------------------------------------------------------------
+    # ---- data: batches, augmentation, noise and penalty weights all come from one generator per rank --------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     volumes, fov_mm = load_training_volumes(data, cfg.size, cfg.n_subjects, seed=cfg.seed, progress=progress and master)
-    volumes = torch.from_numpy(np.array(volumes, dtype=np.float32))  # in memory (a cache is memory-mapped)
-    n_volumes = len(volumes)
-    if n_volumes < cfg.batch:
-        raise ValueError(f"{data}: {n_volumes} volumes, fewer than one batch of {cfg.batch}")
-    # Batches, augmentation and noise come from this generator, the penalty's mixing weights from torch's global
-    # ones; all their states are checkpointed, so a resumed run draws exactly what an uninterrupted one would.
-    rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-
-    def next_batch() -> torch.Tensor:
-        index = torch.randint(n_volumes, (cfg.batch,), generator=rng)
-        x = augment(volumes[index].unsqueeze(1), rng, cfg.flip, cfg.intensity)
-        return x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-
-    def noise() -> torch.Tensor:
-        return torch.randn(cfg.batch, cfg.latent, generator=rng).to(device, non_blocking=True)
+    if len(volumes) < cfg.batch:
+        raise ValueError(f"{data}: {len(volumes)} volumes, fewer than one batch of {cfg.batch}")
+    rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    cohort = Cohort(volumes, device, rng, cfg.flip, cfg.intensity, memory_format)
 
     # ---- networks and optimisers -------------------------------------------------------------------------
     nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden)
     for net in nets.values():
         net.to(device, memory_format=memory_format)
-    adam = dict(lr=cfg.lr, betas=tuple(cfg.betas))
-    eg = "EG" if "E" in nets else "G"  # the generator side: E and G as one network, or G alone (WGAN-GP)
-    groups = {eg: ("E", "G") if "E" in nets else ("G",), "D": ("D",)}
-    if "C" in nets:
-        groups["C"] = ("C",)
-    optimisers = {
-        k: torch.optim.Adam([p for n in names for p in nets[n].parameters()], **adam) for k, names in groups.items()
-    }
+    updates = UPDATES[cfg.model]
+    adam = dict(fused=True, capturable=graphs) if device.type == "cuda" else {}
+    opts = optimisers(nets, updates, cfg, **adam)
+    scalers = {u.name: torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16) for u in updates}
     # `train_nets` are called where a network learns (wrapped for DDP / compile); `nets` are the plain modules
     # used frozen or under no_grad, so DDP only ever waits for gradients of the network being updated.
     train_nets = dict(nets)
@@ -181,181 +369,126 @@ def train(cfg: Config, data: str, out: str | Path, resume: bool = False, progres
     start = 0
     ckpt_dir = out / "checkpoints"
     if resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        state = load_checkpoint(path, map_location=device)
-        saved = Config.from_dict(state["config"])
-        changed = [k for k in RUN_DEFINING if getattr(saved, k) != getattr(cfg, k)]
-        if changed:
-            raise ValueError(
-                f"{path}: saved with different {', '.join(changed)} "
-                f"({', '.join(f'{getattr(saved, k)} != {getattr(cfg, k)}' for k in changed)})"
-            )
-        for k, net in nets.items():
-            net.load_state_dict(state["nets"][k])
-        for k, opt in optimisers.items():
-            opt.load_state_dict(state["optimisers"][k])
-        rng.set_state(state["rng"][rank]["loop"])
-        torch.set_rng_state(state["rng"][rank]["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
-        start = state["iter"]
+        path, state = load_latest(ckpt_dir, map_location=device)
+        start = _restore(state, cfg, nets, opts, cohort, device, rank, path)
+    log_path = out / "metrics.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "data": data, "fov_mm": fov_mm}, indent=2))
-    log_path = out / "metrics.jsonl"
-    if master and resume and log_path.exists():  # drop lines written after the checkpoint we resume from
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["iter"] <= start]
-        log_path.write_text("".join(line + "\n" for line in kept))
+        if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["iter"] <= start]
+            log_path.write_text("".join(line + "\n" for line in kept))
 
-    # Fixed noise and fixed real volumes: the same every time a progress picture is drawn.
-    fixed_z = torch.randn(cfg.n_fixed, cfg.latent, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    fixed_x = volumes[: cfg.n_fixed].unsqueeze(1)
-
+    # ---- the update steps, chosen once -------------------------------------------------------------------
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
-    def update(group: str, loss: torch.Tensor, terms: dict, it: int) -> None:
-        _check_finite(terms, it + 1)  # iterations are counted from 1 in logs and checkpoints
-        optimisers[group].zero_grad(set_to_none=True)
-        loss.backward()
-        optimisers[group].step()
-
-    def progress_picture(it: int) -> None:
-        """Fixed-noise samples (G with recalibrated statistics) and reconstructions of fixed real volumes."""
-        import matplotlib.pyplot as plt
-
-        G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
-        with torch.no_grad():
-            groups = {"samples": list(G(fixed_z.to(device)).float().cpu())}
-            if "E" in nets:
-                nets["E"].eval()
-                code = nets["E"](fixed_x.to(device))
-                code = code[0] if isinstance(code, tuple) else code  # VAE-GAN: the posterior mean
-                nets["E"].train()
-                # Reconstructions use batch statistics (a throw-away copy in train mode): the encoder's codes
-                # are not N(0, I) early in training, so the statistics calibrated for samples do not fit them.
-                groups["real"] = list(fixed_x)
-                groups["reconstructions"] = list(copy.deepcopy(nets["G"]).train()(code).float().cpu())
-        fig = three_plane_grid(groups, title=f"{cfg.model}, iteration {it}")
-        (out / "samples").mkdir(exist_ok=True)
-        fig.savefig(out / "samples" / f"iter_{it:06d}.png", dpi=80)
-        plt.close(fig)
-
-    def average_running_statistics() -> None:
-        for net in nets.values():
-            for buffer in net.buffers():
-                if buffer.is_floating_point():
-                    dist.all_reduce(buffer)
-                    buffer /= world
+    schedule = [(u, u.times(cfg)) for u in updates]
+    watch = FiniteWatch(device, sum(n for _, n in schedule), start)
+    inputs: Inputs = {}
+    run = Updater(
+        {
+            u.name: _make_step(u, nets, train_nets, opts[u.name], scalers[u.name], autocast, watch, inputs, cfg)
+            for u in updates
+        },
+        graphs,
+    )
+    # Fixed noise and fixed real volumes: the same every time a progress picture is drawn.
+    fixed_z = torch.randn(cfg.n_fixed, cfg.latent, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    fixed_x = cohort.first(cfg.n_fixed)
 
     def checkpoint(it: int) -> None:
-        # The loop's generator, and torch's global ones (the penalty's mixing weights are drawn from those).
-        rng_state = {"loop": rng.get_state(), "torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng_state["cuda"] = torch.cuda.get_rng_state(device)
+        watch.check(latest_checkpoint(ckpt_dir))
+        rng_state = _rng_state(cohort, device)
         rng_states = [rng_state]
         if distributed:  # every rank's streams, so a resumed multi-GPU run continues each of them
-            average_running_statistics()
+            for net in nets.values():  # running statistics averaged over the ranks
+                for buffer in net.buffers():
+                    if buffer.is_floating_point():
+                        dist.all_reduce(buffer)
+                        buffer /= world
             rng_states = [None] * world
             dist.all_gather_object(rng_states, rng_state)
+        if not _all_finite(nets):
+            raise TrainingDiverged(f"a weight became NaN or infinite by iteration {it}; no checkpoint written")
         if master:
-            save_checkpoint(
-                ckpt_dir,
-                it,
-                {
-                    "config": cfg.to_dict(),
-                    "iter": it,
-                    "fov_mm": fov_mm,
-                    "nets": {k: v.state_dict() for k, v in nets.items()},
-                    "optimisers": {k: v.state_dict() for k, v in optimisers.items()},
-                    "rng": rng_states,
-                },
-                keep=cfg.keep_ckpts,
-            )
+            state = {
+                "config": cfg.to_dict(),
+                "iter": it,
+                "fov_mm": fov_mm,
+                "nets": {k: v.state_dict() for k, v in nets.items()},
+                "optimisers": {k: v.state_dict() for k, v in opts.items()},
+                "rng": rng_states,
+            }
+            save_checkpoint(ckpt_dir, it, state, keep=cfg.keep_ckpts)
+
+    def log(done: int, terms: Terms, since: tuple[float, int]) -> None:
+        watch.check(latest_checkpoint(ckpt_dir))
+        values = torch.stack([t.detach().float() for t in terms.values()]).tolist()  # one sync
+        record = {"iter": done, **{k: round(v, 6) for k, v in zip(terms, values)}}
+        record["it_per_s"] = round((done - since[1]) / (time.perf_counter() - since[0]), 4)
+        if device.type == "cuda":
+            record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss_d", "loss_eg", "loss_g", "w_dist", "l1") if k in record})
 
     # ---- the loop -------------------------------------------------------------------------------------------
-    bar = tqdm(
-        range(start, cfg.iters), initial=start, total=cfg.iters, desc=cfg.model, disable=not (progress and master)
-    )
-    t_last, it_last = time.perf_counter(), start
-    E, G, D, C = (train_nets.get(k) for k in "EGDC")
+    quiet = not (progress and master)
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=cfg.model, disable=quiet)
+    since = (time.perf_counter(), start)
     for it in bar:
-        terms: dict[str, torch.Tensor] = {}
-
-        # 1. encoder + generator
-        _set_frozen(nets, groups[eg])
-        for _ in range(cfg.g_steps):
-            x, z_r = next_batch(), noise()
-            with autocast():
-                if cfg.model == "alpha-wgan-gp":
-                    loss, t = losses.alpha_wgan_gp_eg(E, G, nets["D"], nets["C"], x, z_r, cfg.lambda_rec)
-                elif cfg.model == "alpha-gan":
-                    loss, t = losses.alpha_gan_eg(E, G, nets["D"], nets["C"], x, z_r, cfg.lambda_rec)
-                elif cfg.model == "vae-gan":
-                    loss, t = losses.vae_gan_eg(E, G, nets["D"], x, z_r, noise(), cfg.lambda_rec, cfg.beta_kl)
-                else:
-                    loss, t = losses.wgan_gp_g(G, nets["D"], z_r)
-            update(eg, loss, t, it)
-            terms.update(t)
-
-        # 2. discriminator
-        _set_frozen(nets, ("D",))
-        for _ in range(cfg.d_steps):
-            x, z_r = next_batch(), noise()
-            with autocast():
-                if cfg.model == "alpha-wgan-gp":
-                    loss, t = losses.alpha_wgan_gp_d(nets["E"], nets["G"], D, x, z_r, cfg.lambda_gp)
-                elif cfg.model == "alpha-gan":
-                    loss, t = losses.alpha_gan_d(nets["E"], nets["G"], D, x, z_r)
-                elif cfg.model == "vae-gan":
-                    loss, t = losses.vae_gan_d(nets["E"], nets["G"], D, x, z_r)
-                else:
-                    loss, t = losses.wgan_gp_d(nets["G"], D, x, z_r, cfg.lambda_gp)
-            update("D", loss, t, it)
-            terms.update(t)
-
-        # 3. code discriminator, on codes of the same real batch, computed without gradient
-        if "C" in nets:
-            _set_frozen(nets, ("C",))
-            z_r = noise()
-            with autocast():
-                if cfg.model == "alpha-wgan-gp":
-                    loss, t = losses.alpha_wgan_gp_c(nets["E"], C, x, z_r, cfg.lambda_gp)
-                else:
-                    loss, t = losses.alpha_gan_c(nets["E"], C, x, z_r)
-            update("C", loss, t, it)
-            terms.update(t)
-
-        # 4. log, pictures, checkpoints
+        terms: Terms = {}
+        for update, repeats in schedule:
+            for _ in range(repeats):
+                draw(update.draws, inputs, cohort, cfg, static=graphs)
+                terms.update(run(update.name))
         done = it + 1
         if master and (done % cfg.log_every == 0 or done == cfg.iters):
-            now = time.perf_counter()
-            record = {
-                "iter": done,
-                **{k: round(float(v), 6) for k, v in terms.items()},
-                "it_per_s": round((done - it_last) / (now - t_last), 4),
-            }
-            if device.type == "cuda":
-                record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(
-                {k: f"{record[k]:.3g}" for k in ("loss_d", "loss_eg", "loss_g", "w_dist", "l1") if k in record}
-            )
-            t_last, it_last = now, done
+            log(done, terms, since)
+            since = (time.perf_counter(), done)
         if master and (done % cfg.sample_every == 0 or done == cfg.iters):
-            progress_picture(done)
+            _progress_picture(nets, cfg, fixed_z, fixed_x, device, out, done)
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             checkpoint(done)
+        if after_iteration is not None:
+            after_iteration(done)
 
     # ---- final samples ---------------------------------------------------------------------------------------
     if master and start < cfg.iters:
         G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
         for i, volume in enumerate(generate(G, cfg.n_fixed, cfg.latent, seed=cfg.seed + 2)):
-            save_nifti(volume, out / "samples" / f"sample_{i:03d}.nii.gz", fov_mm)
+            save_nifti(volume, out / "samples" / f"sample_{i:04d}.nii.gz", fov_mm)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
     return TrainResult(out, nets, cfg, fov_mm)
+
+
+def train_or_reuse(cfg: Config, data: str, out: str | Path, reuse: tuple[str | Path, ...] = ()) -> TrainResult:
+    """The run `cfg` on `data`, trained only when no finished one exists (notebooks 04-06 use it).
+
+    A finished run is a folder, `out` or one of `reuse` (e.g. notebook 03's run), whose config.json names the same
+    data and which holds a checkpoint of iteration `cfg.iters` saved with the same run-defining settings. A run in
+    `out` that stopped earlier is resumed; otherwise `out` is trained from the start."""
+    from alphagan.checkpoint import checkpoint_path
+
+    cfg = cfg.validate()
+    source = str(Source.parse(data))
+    for folder in (Path(out), *map(Path, reuse)):
+        path = checkpoint_path(folder / "checkpoints", cfg.iters)
+        config = folder / "config.json"
+        if not (path.exists() and config.exists()) or json.loads(config.read_text()).get("data") != source:
+            continue
+        state = load_checkpoint(path)
+        saved = Config.from_dict(state["config"])
+        if all(getattr(saved, k) == getattr(cfg, k) for k in RUN_DEFINING):
+            nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden)
+            device = pick_device(cfg.device)
+            for k, net in nets.items():
+                net.load_state_dict(state["nets"][k])
+                net.to(device)
+            print(f"{cfg.model}: reusing the finished run in {folder} (iteration {cfg.iters})")
+            return TrainResult(folder, nets, cfg, float(state["fov_mm"]))
+    resume = latest_checkpoint(Path(out) / "checkpoints") is not None
+    return train(cfg, data, out, resume=resume, overwrite=not resume)

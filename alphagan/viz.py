@@ -1,5 +1,7 @@
 """Pictures of volumes: three-plane views, grids of centre cuts, loss curves and an interactive slice viewer.
 
+Used by every notebook.
+
 Volumes are arrays indexed (x, y, z) in RAS order, as everywhere in the course. Slices are drawn in the
 neurological convention: the subject's left on the picture's left, superior (or anterior, in axial cuts) at
 the top.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,36 +28,50 @@ GRIDS = {
         dict(size=32, width=16, batch=4, compile=True),
     ],
     "gpu": [
-        dict(size=64, width=64, batch=4, precision="fp32"),
         dict(size=64, width=64, batch=4, precision="bf16"),
+        dict(size=64, width=64, batch=4, precision="bf16", cuda_graphs=False),
+        dict(size=64, width=64, batch=4, precision="fp32"),
+        dict(size=64, width=64, batch=4, precision="fp32", cuda_graphs=False),
+        dict(size=64, width=64, batch=4, precision="fp16"),
         dict(size=64, width=64, batch=4, precision="bf16", channels_last=True),
-        dict(size=64, width=64, batch=4, precision="bf16", compile=True),
         dict(size=64, width=64, batch=16, precision="bf16"),
         dict(size=128, width=64, batch=4, precision="bf16"),
         dict(size=128, width=32, batch=4, precision="bf16"),
+        dict(size=64, width=64, batch=4, precision="bf16", compile=True),
     ],
 }
 
 
-def run_variant(cache: Path, variant: dict, iters: int, warmup: int, out: Path) -> dict:
-    """Train `warmup + iters` iterations in a fresh process; returns it/s of the timed part and peak memory."""
+def run_variant(
+    data: Path, variant: dict, iters: int, warmup: int, out: Path, pythonpath: str | None = None, timeout: float = 600
+) -> dict:
+    """Train `warmup + iters` iterations in a fresh process; returns it/s of the timed part and peak memory.
+
+    `pythonpath` runs another copy of the package (an older commit, for a before/after comparison)."""
     code = f"""
 import json, resource, sys, torch
 from alphagan.config import make_config
 from alphagan.train import train
 v = {variant!r}
 cfg = make_config("paper", latent=1000, iters={warmup + iters}, log_every={warmup}, sample_every=10**9,
-                  ckpt_every=10**9, n_fixed=1, **v)
-train(cfg, {str(cache)!r}, {str(out)!r}, progress=False)
+                  ckpt_every=10**9, n_fixed=1, n_subjects=16, **v)
+train(cfg, {str(data)!r}, {str(out)!r}, progress=False)
 records = [json.loads(x) for x in open({str(out / "metrics.jsonl")!r})]
 timed = [r for r in records if r["iter"] > {warmup}]
 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else \\
     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps({{"it_per_s": timed[-1]["it_per_s"], "peak_gb": peak}}))
 """
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ)
+    if pythonpath:  # first on the path, so that its `alphagan` is the one imported
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if run.returncode != 0:
-        return {"error": run.stderr.strip().splitlines()[-1][:80]}
+        lines = run.stderr.strip().splitlines() or ["no output"]
+        return {"error": lines[-1][:100]}
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -98,32 +113,43 @@ def main() -> None:
             result = run_variant(caches[variant["size"]], variant, args.iters, args.warmup, tmp / f"run{i}")
             rows.append((variant, result))
         # The authors' recipe: the loop in fp32, and three batches (2 E+G steps, 1 D step) loaded from NIfTI.
-        base = dict(size=GRIDS[args.grid][0]["size"], width=GRIDS[args.grid][0]["width"], batch=4, precision="fp32")
+        first = GRIDS[args.grid][0]
+        base = dict(size=first["size"], width=first["width"], batch=4, precision="fp32", cuda_graphs=False)
         loop = run_variant(caches[base["size"]], base, args.iters, args.warmup, tmp / "authors")
         data_s = 3 * nifti_batch_seconds(raw[base["size"]], base["size"], base["batch"])
         if "it_per_s" in loop:
             authors = 1.0 / (1.0 / loop["it_per_s"] + data_s)
             rows.append(({**base, "recipe": "authors'"}, {"it_per_s": authors, "peak_gb": loop["peak_gb"]}))
 
+    print_table(rows, base)
+
+
+def print_table(rows: list[tuple[dict, dict]], base: dict) -> None:
+    """The grid as a Markdown table; speed-ups against the authors' recipe where the configuration matches."""
     authors = next((r["it_per_s"] for v, r in rows if v.get("recipe") == "authors'"), None)
-    print("| size | width | batch | precision | channels_last | compile | recipe | it/s | peak GB | vs authors' |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    header = (
+        "model | size | width | batch | precision | channels_last | compile | CUDA graphs | recipe | it/s | peak GB"
+    )
+    print(f"| {header} | vs authors' |")
+    print("|---" * 12 + "|")
     for v, r in rows:
         cells = [
+            v.get("model", "alpha-wgan-gp"),
             v["size"],
             v["width"],
             v["batch"],
             v.get("precision", "auto"),
             v.get("channels_last", False),
             v.get("compile", False),
+            v.get("cuda_graphs", True) and not v.get("recipe"),
             v.get("recipe", "ours"),
         ]
         if "error" in r:
             result = f"failed: {r['error']} | | "
         else:
             same = authors and (v["size"], v["width"], v["batch"]) == (base["size"], base["width"], base["batch"])
-            ratio = f"{r['it_per_s'] / authors:.2f}x" if same else ""
-            result = f"{r['it_per_s']:.3f} | {r['peak_gb']:.2f} | {ratio}"
+            ratio = f"{r['it_per_s'] / authors:.1f}x" if same else ""
+            result = f"{r['it_per_s']:.2f} | {r['peak_gb']:.2f} | {ratio}"
         print("| " + " | ".join(map(str, cells)) + f" | {result} |")
 
 

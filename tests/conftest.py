@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import matplotlib
 import pytest
@@ -6,6 +7,8 @@ import pytest
 matplotlib.use("Agg")
 # Two cores: keep torch from oversubscribing when tests run beside notebook kernels.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Synthetic cohorts are cached once per test session (and shared with the notebooks' kernels), never in ~/.cache.
+os.environ["ALPHAGAN_CACHE"] = tempfile.mkdtemp(prefix="alphagan-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
     """Serves files, honouring 'Range: bytes=N-' like the real servers do; counts bytes sent."""
 
     sent: list[int] = []
+    cut: int | None = None  # send only this many bytes of the body, then close: a dropped connection
 
     def log_message(self, *args):
         pass
@@ -46,8 +47,10 @@ class RangeHandler(SimpleHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
-        self.wfile.write(data[start:])
-        RangeHandler.sent.append(len(data) - start)
+        end = len(data) if RangeHandler.cut is None else start + RangeHandler.cut
+        RangeHandler.sent.append(end - start)  # before sending: the client may finish before this thread resumes
+        self.wfile.write(data[start:end])
+        self.close_connection = True
 
 
 @pytest.fixture
@@ -57,7 +60,7 @@ def server(tmp_path):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(www)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    RangeHandler.sent = []
+    RangeHandler.sent, RangeHandler.cut = [], None
     yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -129,6 +132,20 @@ def test_an_interrupted_download_resumes(server, tmp_path):
     assert not (tmp_path / "big.tar.part").exists()
     fetch(f"{url}/big.tar", dest, hashlib.md5(blob).hexdigest(), progress=False)
     assert RangeHandler.sent == [200_000]  # already complete and verified: nothing downloaded
+
+
+def test_a_dropped_connection_keeps_the_partial_file_and_the_next_run_resumes(server, tmp_path):
+    www, url = server
+    blob = np.random.default_rng(1).bytes(300_000)
+    (www / "big.tar").write_bytes(blob)
+    dest = tmp_path / "big.tar"
+    RangeHandler.cut = 120_000
+    with pytest.raises(DownloadError, match=r"interrupted; the partial file is kept, run again to resume"):
+        fetch(f"{url}/big.tar", dest, hashlib.md5(blob).hexdigest(), progress=False)
+    assert (tmp_path / "big.tar.part").read_bytes() == blob[:120_000] and not dest.exists()
+    RangeHandler.cut = None
+    fetch(f"{url}/big.tar", dest, hashlib.md5(blob).hexdigest(), progress=False)
+    assert dest.read_bytes() == blob and RangeHandler.sent == [120_000, 180_000]
 
 
 def test_a_tampered_archive_is_refused(server, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from alphagan import metrics
+from alphagan import anatomy, features, metrics
 from alphagan.data.prepare import normalise
 from alphagan.data.space import cube_affine
 
@@ -87,10 +87,36 @@ def test_ms_ssim_equals_pytorch_msssim(size):
         data_range=2.0,
         size_average=False,
         win_size=s.win_size,
-        win_sigma=s.sigma,
-        weights=list(s.weights),
+        win_sigma=s.sigma,  # and pytorch-msssim's own default weights, the published five
     ).float()
     torch.testing.assert_close(ours, reference.view(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_five_scales_use_the_published_weights_and_one_negative_term_gives_zero():
+    s = metrics.ms_ssim_settings(64)
+    assert s.weights == (0.0448, 0.2856, 0.3001, 0.2363, 0.1333) and sum(s.weights) == pytest.approx(1.0001)
+    # Two independent noise volumes: at the coarsest scale (2^3 window positions) their term can be negative,
+    # and clipping it makes the whole product 0, although the four finer scales alone score well above 0.
+    noise = torch.randn(2, 64, 64, 64, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
+    assert float(metrics.ms_ssim3d(noise[:1], noise[1:])[0]) == 0.0
+    x, y, terms = noise[:1, None].double(), noise[1:, None].double(), []
+    for _ in range(5):
+        ssim, cs = metrics._ssim_and_cs(x, y, s)
+        terms.append(float(cs))
+        x, y = torch.nn.functional.avg_pool3d(x, 2), torch.nn.functional.avg_pool3d(y, 2)
+    terms[-1] = float(ssim)
+    assert min(terms) < 0 and sum(t > 0 for t in terms) >= 3, terms
+
+
+def test_median_bandwidth_is_the_usual_median_of_pairwise_distances():
+    from scipy.spatial.distance import pdist
+
+    x, y = _volumes(3, 8, seed=22), _volumes(4, 8, seed=23)  # 7 points: 21 distances, an odd count
+    x2, y2 = _volumes(2, 8, seed=24), _volumes(2, 8, seed=25)  # 4 points: 6 distances, an even count
+    for a, b in ((x, y), (x2, y2)):
+        pooled = np.concatenate([a.reshape(len(a), -1).numpy(), b.reshape(len(b), -1).numpy()]).astype(np.float64)
+        flat_a, flat_b = metrics._flat(a), metrics._flat(b)
+        assert metrics.median_bandwidth(flat_a, flat_b) == pytest.approx(np.median(pdist(pooled)), rel=1e-9)
 
 
 def test_ms_ssim_properties():
@@ -136,7 +162,7 @@ def test_segmentation_recovers_the_synthetic_cohorts_volumes():
     errors = {k: [] for k in ("brain_ml", "gm_ml", "wm_ml", "csf_ml")}
     for i in range(4):
         s = make_subject(i, seed=1, size=64)
-        measured = metrics.tissue_volumes(normalise(s.volume), s.affine)
+        measured = anatomy.tissue_volumes(normalise(s.volume), s.affine)
         for k in errors:
             errors[k].append(abs(measured[k] - s.factors[k]) / s.factors[k])
     # Measured here: brain 0 %, GM 2 %, WM 7 %, CSF 24 % (partial volumes at the CSF borders).
@@ -164,32 +190,32 @@ def test_frechet_distance_of_gaussians_in_closed_form():
     mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
     a, b = np.diag([1.0, 2.0, 3.0, 4.0]), np.diag([4.0, 1.0, 1.0, 9.0])
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(np.diag(a)) - np.sqrt(np.diag(b))) ** 2)
-    assert metrics.frechet_distance(mu1, a, mu2, b) == pytest.approx(expected, rel=1e-9)
-    assert metrics.frechet_distance(mu1, a, mu1, a) == pytest.approx(0.0, abs=1e-9)
+    assert features.frechet_distance(mu1, a, mu2, b) == pytest.approx(expected, rel=1e-9)
+    assert features.frechet_distance(mu1, a, mu1, a) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_feature_network_loads_by_path_and_gives_a_distance(tmp_path):
     torch.manual_seed(0)
-    net = metrics.ResNet3D(10)
+    net = features.ResNet3D(10)
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "resnet_10.pth")
-    loaded = metrics.load_feature_network(str(tmp_path / "resnet_10.pth"))
+    loaded = features.load_feature_network(str(tmp_path / "resnet_10.pth"))
     real, fake = _volumes(6, 32, seed=17), _volumes(6, 32, seed=18)
-    feats = metrics.features(loaded, real)
+    feats = features.features(loaded, real)
     assert feats.shape == (6, 512)
-    same = metrics.frechet_feature_distance(loaded, real, real)
+    same = features.frechet_feature_distance(loaded, real, real)
     scale = np.trace(np.cov(feats, rowvar=False))
     assert abs(same) < 1e-3 * scale
-    assert metrics.frechet_feature_distance(loaded, real, fake * 0.2) > same
+    assert features.frechet_feature_distance(loaded, real, fake * 0.2) > same
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a 3D ResNet-10"):
-        metrics.load_feature_network(str(tmp_path / "other.pth"))
+        features.load_feature_network(str(tmp_path / "other.pth"))
 
 
 def test_ventricle_box_is_in_the_course_space():
     affine = cube_affine(64)
     centre = affine @ np.array([31.5, 31.5, 31.5, 1.0])
-    lo = np.array([b[0] for b in metrics.VENTRICLE_BOX_MM])
-    hi = np.array([b[1] for b in metrics.VENTRICLE_BOX_MM])
+    lo = np.array([b[0] for b in anatomy.VENTRICLE_BOX_MM])
+    hi = np.array([b[1] for b in anatomy.VENTRICLE_BOX_MM])
     assert np.all(centre[:3] > lo - 20) and np.all(centre[:3] < hi + 20)
 
 
@@ -203,7 +229,7 @@ def test_lesion_measurement_against_the_cohorts_ground_truth(kind, contrast, min
     true, measured, distance = [], [], []
     for i in range(12):
         s = make_subject(i, seed=0, size=64, kind=kind, contrast=contrast)
-        stats = metrics.lesion_stats(normalise(s.volume), s.affine, kind, contrast)
+        stats = anatomy.lesion_stats(normalise(s.volume), s.affine, kind, contrast)
         f = s.factors
         true.append(f["lesion_ml"] + f["oedema_ml"])
         measured.append(stats["lesion_ml"])

@@ -17,7 +17,7 @@ from alphagan.models import (
 
 
 def test_parameter_counts_equal_the_authors_code():
-    # SPEC.md: counted on the authors' code at 64^3, latent 1000, width 64.
+    # docs/method.md: counted on the authors' code at 64^3, latent 1000, width 64.
     assert count_parameters(Generator(64, 64, 1000)) == 37_416_512
     assert count_parameters(Encoder(64, 64, 1000)) == 43_785_896
     assert count_parameters(Discriminator(64, 64)) == 11_049_665

@@ -183,7 +183,8 @@ def test_an_interrupted_run_leaves_the_previous_cache_intact(tmp_path, monkeypat
     monkeypatch.undo()
     assert (tmp_path / "cache" / "volumes.npy").read_bytes() == before
     assert len(load_cache(tmp_path / "cache")[1]) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "src"]  # no partial folder left behind
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".cache.lock", "cache", "src"]  # no partial folder left behind, only the lock file
 
 
 def test_rerun_skips_unchanged_inputs(tmp_path):

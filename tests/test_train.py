@@ -55,7 +55,7 @@ def test_every_model_trains_and_writes_its_run(tmp_path, model):
 
 def test_generated_nifti_overlays_the_mni_template(tmp_path):
     train(make_config("smoke", **SMOKE), "synth", tmp_path, progress=False)
-    img = nib.load(tmp_path / "samples" / "sample_000.nii.gz")
+    img = nib.load(tmp_path / "samples" / "sample_0000.nii.gz")
     assert img.shape == (16, 16, 16) and nib.aff2axcodes(img.affine) == ("R", "A", "S")
     # nilearn resamples it onto the MNI template's grid; the cube covers the template's brain.
     template = datasets.load_mni152_brain_mask(resolution=2)
@@ -172,7 +172,7 @@ def test_two_processes_hold_identical_weights(tmp_path):
 
 
 def test_recalibrated_generator_does_not_collapse_where_stale_statistics_do():
-    """SPEC.md "Pitfalls": G's running statistics learned from encoder codes (std ~4.3) are wrong for N(0, I)."""
+    """docs/method.md, section 6: G's running statistics learned from encoder codes (std ~4.3) are wrong for N(0, I)."""
     torch.manual_seed(0)
     G = Generator(16, 8, 64)
     with torch.no_grad():  # running statistics from encoder-like codes, as during alpha-GAN training

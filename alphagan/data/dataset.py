@@ -1,4 +1,5 @@
-"""Training data: a cache (or a freshly synthesised cohort) as a torch Dataset, with the paper's augmentation.
+"""Training data: where volumes come from (`Source`), the synthetic cohort made once into a cache, and batches
+drawn on the device that trains on them, with the paper's augmentation (taught in notebook 01).
 
 Augmentation, as in the paper: a left-right flip and an intensity randomisation. Volumes are in RAS order, so
 the anatomical left-right axis is the first array axis. The authors multiply the whole [-1, 1] volume by
@@ -8,6 +9,15 @@ background stays exactly -1 and the generator is not asked to learn a random bac
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +26,263 @@ from torch.utils.data import Dataset
 
 from alphagan.data.prepare import load_cache, normalise
 
+# A cohort that takes at most this share of the GPU's memory lives on the GPU (991 subjects at 64^3: 1 GB).
+RESIDENT_GPU_FRACTION = 0.25
+
 
 def augment(
     batch: torch.Tensor, generator: torch.Generator, flip: bool = True, intensity: tuple[float, float] = (0.7, 1.0)
 ) -> torch.Tensor:
-    """Randomly flip each (B, 1, X, Y, Z) volume along X and scale its foreground by U(intensity)."""
+    """Randomly flip each (B, 1, X, Y, Z) volume along X and scale its foreground by U(intensity).
+
+    The draws come from `generator` on its own device, so a GPU batch is augmented without a host round trip."""
     b = batch.shape[0]
     if flip:
-        flips = torch.rand(b, generator=generator) < 0.5
+        flips = torch.rand(b, generator=generator, device=generator.device) < 0.5
         batch = torch.where(flips.view(b, 1, 1, 1, 1).to(batch.device), batch.flip(2), batch)
     lo, hi = intensity
     if (lo, hi) != (1.0, 1.0):
-        scale = lo + (hi - lo) * torch.rand(b, generator=generator)
+        scale = lo + (hi - lo) * torch.rand(b, generator=generator, device=generator.device)
         batch = (batch + 1.0) * scale.view(b, 1, 1, 1, 1).to(batch.device) - 1.0
     return batch
+
+
+# ------------------------------------------------------------------------------------------------ sources
+@dataclass(frozen=True)
+class Source:
+    """Where volumes come from: a prepared cache folder, or the synthetic cohort `synth[:kind[:contrast]]`.
+
+    An existing folder always wins, so a cache named `synth_old` is read as a cache."""
+
+    cache: Path | None = None
+    kind: str = "normal"
+    contrast: str = "t1"
+
+    @classmethod
+    def parse(cls, text: str | Path) -> Source:
+        from alphagan.data.synth import CONTRASTS, KINDS
+
+        text = str(text)
+        if Path(text).is_dir():
+            return cls(cache=Path(text).resolve())
+        head, *rest = text.split(":")
+        if head != "synth":
+            return cls(cache=Path(text).resolve())  # missing: load_cache says so, naming the folder
+        if len(rest) > 2 or (rest and rest[0] not in KINDS) or (len(rest) == 2 and rest[1] not in CONTRASTS):
+            raise ValueError(
+                f"{text!r}: a synthetic source is synth[:kind[:contrast]], kind in {KINDS}, contrast in {CONTRASTS}"
+            )
+        return cls(None, *rest)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.cache is None
+
+    def __str__(self) -> str:
+        return str(self.cache) if self.cache else f"synth:{self.kind}:{self.contrast}"
+
+
+# ------------------------------------------------------------------------------------------------ the synthetic cohort
+def cache_root() -> Path:
+    """Where synthetic cohorts are cached: $ALPHAGAN_CACHE, else ~/.cache/alphagan."""
+    return Path(os.environ.get("ALPHAGAN_CACHE") or Path.home() / ".cache" / "alphagan")
+
+
+def _synthesis_version() -> str:
+    """A digest of the code that makes a subject, so that a cache made by other code is never reused."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("synth.py", "prepare.py", "dataset.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _synth_one(args: tuple[int, int, int, str, str]) -> tuple[int, np.ndarray, float]:
+    """Subject `index` preprocessed as `prepare` would do it: synthesised at twice the target resolution (at most
+    the 128^3 grid of 1.5 mm voxels, close to the template's own detail), then trimmed, padded and resized like
+    real data."""
+    from alphagan.data.prepare import to_cube
+    from alphagan.data.synth import make_subject
+
+    index, seed, size, kind, contrast = args
+    subject = make_subject(index, seed=seed, size=min(2 * size, 128), kind=kind, contrast=contrast)
+    cube, fov_mm = to_cube(subject.volume, np.abs(np.diag(subject.affine)[:3]), size)
+    return index, normalise(cube), fov_mm
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core: threads inside each would only compete
+
+
+def synthetic_cache(
+    n: int,
+    size: int,
+    seed: int = 0,
+    kind: str = "normal",
+    contrast: str = "t1",
+    workers: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """The cache folder of a synthetic cohort, made once (in parallel processes) and reused by every later call
+    with the same settings. It has the layout of a `prepare` cache, so `load_cache` reads it."""
+    from tqdm.auto import tqdm
+
+    from alphagan.data.prepare import Settings
+
+    folder = cache_root() / f"synth-{kind}-{contrast}-{size}-n{n}-seed{seed}-{_synthesis_version()}"
+    if (folder / "settings.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        volumes = np.lib.format.open_memmap(tmp / "volumes.npy", "w+", np.float32, (n, size, size, size))
+        fovs = [0.0] * n
+        jobs = [(i, seed, size, kind, contrast) for i in range(n)]
+        workers = max(1, min(workers or os.cpu_count() or 1, n))
+        bar = tqdm(total=n, desc=f"synthetic cohort {kind} {contrast}", unit="subj", disable=not progress)
+        # Subject 0 here first: it loads the template, which forked workers then inherit instead of reading it.
+        first, pool = _synth_one(jobs[0]), None
+        rest = map(_synth_one, jobs[1:])
+        if workers > 1:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_worker_init)
+            rest = pool.map(_synth_one, jobs[1:], chunksize=max(1, n // (8 * workers)))
+        # Written as they arrive: the cohort is never held in memory.
+        for index, volume, fov_mm in itertools.chain([first], rest):
+            volumes[index], fovs[index] = volume, fov_mm
+            bar.update()
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
+        volumes.flush()
+        del volumes
+        with open(tmp / "manifest.tsv", "w", newline="") as f:
+            writer = csv.writer(f, delimiter="\t")
+            writer.writerow(["source", "subject", "channel", "shape", "spacing", "sha256", "fov_mm"])
+            for i, fov_mm in enumerate(fovs):
+                writer.writerow([f"synth:{kind}:{contrast}:seed{seed}", f"sub-{i:05d}", -1, "", "", "", fov_mm])
+        (tmp / "rejected.tsv").write_text("source\treason\n")
+        settings = {**Settings(size=size).__dict__, "synthetic": dict(kind=kind, contrast=contrast, seed=seed, n=n)}
+        (tmp / "settings.json").write_text(json.dumps(settings, indent=2))
+        os.replace(tmp, folder)
+    except OSError:
+        if (folder / "settings.json").exists():  # another process finished the same cohort first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def synthetic_volumes(
+    n: int, size: int, seed: int = 0, kind: str = "normal", contrast: str = "t1", progress: bool = False
+) -> tuple[np.ndarray, float]:
+    """A synthetic cohort as `prepare` would make it: (n, size, size, size) memory-mapped volumes from the
+    cohort cache, and their median field of view (the cube's edge) in mm."""
+    volumes, manifest, _ = load_cache(synthetic_cache(n, size, seed, kind, contrast, progress=progress))
+    return volumes, float(np.median([float(row["fov_mm"]) for row in manifest]))
+
+
+def load_training_volumes(
+    data: str | Source, size: int, n_subjects: int, seed: int = 0, progress: bool = True
+) -> tuple[np.ndarray, float]:
+    """The memory-mapped volumes of `data` and their field of view in mm, the cube's edge (for the NIfTI affine
+    of generated volumes). `data` is a cache folder, or `synth[:kind[:contrast]]` for the cached synthetic cohort."""
+    source = data if isinstance(data, Source) else Source.parse(data)
+    if source.synthetic:
+        return synthetic_volumes(n_subjects, size, seed, source.kind, source.contrast, progress=progress)
+    volumes, manifest, settings = load_cache(source.cache)
+    if settings["size"] != size:
+        raise ValueError(
+            f"{source.cache}: the cache holds {settings['size']}^3 volumes but the run asks for {size}^3; "
+            f"prepare it again with --size {size} or pass --size {settings['size']}"
+        )
+    return volumes, float(np.median([float(row["fov_mm"]) for row in manifest]))
+
+
+# ------------------------------------------------------------------------------------------------ batches
+class Cohort:
+    """The training volumes, and random augmented batches of them on the device that trains.
+
+    On a GPU, a cohort that fits in `RESIDENT_GPU_FRACTION` of its memory is copied there once, chunk by chunk,
+    and batches are indexed and augmented there: no host work and no host-device sync per batch. A larger
+    cohort stays memory-mapped on disk; each batch is gathered into one of a ring of pinned buffers and copied
+    asynchronously, so the host prepares batch k+1 while the GPU computes step k. On the CPU, batches are read
+    from the memory map. Every draw comes from `generator` (on the training device), except the rows of a
+    memory-mapped cohort on a GPU, which a CPU generator of its own picks (`index_generator`).
+    """
+
+    def __init__(
+        self,
+        volumes: np.ndarray,
+        device: torch.device,
+        generator: torch.Generator,
+        flip: bool = True,
+        intensity: tuple[float, float] = (0.7, 1.0),
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
+        if volumes.ndim != 4:
+            raise ValueError(f"expected volumes of shape (N, S, S, S), got {volumes.shape}")
+        self.volumes, self.device, self.generator = volumes, device, generator
+        self.flip, self.intensity, self.memory_format = flip, tuple(intensity), memory_format
+        self.index_generator = generator
+        self.resident: torch.Tensor | None = None
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            if volumes.nbytes <= RESIDENT_GPU_FRACTION * total:
+                self.resident = torch.empty(volumes.shape, dtype=torch.float32, device=device)
+                for i in range(0, len(volumes), 64):
+                    self.resident[i : i + 64].copy_(torch.from_numpy(np.ascontiguousarray(volumes[i : i + 64])))
+            else:
+                self.index_generator = torch.Generator().manual_seed(int(generator.initial_seed()))
+                self._pinned: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+                self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def first(self, n: int) -> torch.Tensor:
+        """The first `n` volumes as (n, 1, S, S, S), unaugmented (the fixed volumes of progress pictures)."""
+        return torch.from_numpy(np.array(self.volumes[:n], dtype=np.float32)).unsqueeze(1)
+
+    def batch(self, size: int) -> torch.Tensor:
+        """`size` random volumes, augmented, as (size, 1, S, S, S) on the training device."""
+        if self.resident is not None:
+            index = torch.randint(len(self), (size,), generator=self.generator, device=self.device)
+            x = self.resident[index]
+        else:
+            index = torch.randint(len(self), (size,), generator=self.index_generator)
+            x = self._gather(index.numpy(), size)
+        x = augment(x.unsqueeze(1), self.generator, self.flip, self.intensity)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def _gather(self, index: np.ndarray, size: int) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.asarray(self.volumes[index], dtype=np.float32)).to(self.device)
+        if len(self._pinned) < 3:  # a ring of three: one being filled, up to two in flight
+            self._pinned.append((torch.empty((size, *self.volumes.shape[1:]), pin_memory=True), None))
+        slot = self._next % len(self._pinned)
+        buffer, done = self._pinned[slot]
+        if done is not None:
+            done.synchronize()  # the copy that last read this buffer has finished
+        np.take(self.volumes, index, axis=0, out=buffer.numpy())
+        x = buffer.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pinned[slot] = (buffer, event)
+        self._next += 1
+        return x
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The generators' states, for exact resume."""
+        return {"generator": self.generator.get_state(), "index": self.index_generator.get_state()}
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU moved it there
+        self.index_generator.set_state(state["index"].cpu())
 
 
 class BrainVolumes(Dataset):
@@ -55,46 +308,3 @@ class BrainVolumes(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         volume = torch.from_numpy(np.array(self.volumes[index], dtype=np.float32))[None]
         return augment(volume[None], self.generator, self.flip, self.intensity)[0]
-
-
-def synthetic_volumes(
-    n: int, size: int, seed: int = 0, kind: str = "normal", contrast: str = "t1", progress: bool = False
-) -> tuple[np.ndarray, float]:
-    """A synthetic cohort preprocessed in memory as `prepare` would do it: (n, size, size, size) volumes and
-    the median edge of their cubes in mm."""
-    from tqdm.auto import tqdm
-
-    from alphagan.data.prepare import to_cube
-    from alphagan.data.synth import make_subject
-
-    out = np.empty((n, size, size, size), dtype=np.float32)
-    edges = []
-    # Synthesise at twice the target resolution, then trim, pad and resize like real data.
-    for i in tqdm(range(n), desc="synthetic cohort", disable=not progress, unit="subj"):
-        subject = make_subject(i, seed=seed, size=2 * size, kind=kind, contrast=contrast)
-        spacing = np.abs(np.diag(subject.affine)[:3])
-        cube, edge = to_cube(subject.volume, spacing, size)
-        out[i] = normalise(cube)
-        edges.append(edge)
-    return out, float(np.median(edges))
-
-
-def load_training_volumes(
-    data: str, size: int, n_subjects: int, seed: int = 0, progress: bool = True
-) -> tuple[np.ndarray, float]:
-    """The volumes of `data` and the edge of their cube in mm (for the NIfTI affine of generated volumes).
-
-    `data` is a cache folder, or `synth[:kind[:contrast]]` for a cohort synthesised on the fly.
-    """
-    if data.startswith("synth"):
-        parts = data.split(":")
-        kind = parts[1] if len(parts) > 1 else "normal"
-        contrast = parts[2] if len(parts) > 2 else "t1"
-        return synthetic_volumes(n_subjects, size, seed=seed, kind=kind, contrast=contrast, progress=progress)
-    volumes, manifest, settings = load_cache(data)
-    if settings["size"] != size:
-        raise ValueError(
-            f"{data}: the cache holds {settings['size']}^3 volumes but the run asks for {size}^3; "
-            f"prepare it again with --size {size} or pass --size {settings['size']}"
-        )
-    return volumes, float(np.median([float(row["cube_mm"]) for row in manifest]))

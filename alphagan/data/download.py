@@ -1,5 +1,7 @@
 """Downloading the public cohorts: resumable, checksum-verified, safely extracted.
 
+Used by data_scripts/download.py; notebook 01 shows where real data come from.
+
 IXI (healthy adults, CC BY-SA 3.0) comes as one tar per modality; the Medical Segmentation Decathlon's brain
 tumour task (from BraTS, CC BY-SA 4.0) as one tar of 4-D NIfTI files. A download continues where an
 interrupted one stopped (HTTP Range), is verified against the archive's published MD5 before anything is
@@ -9,6 +11,7 @@ extracted, and no archive member may land outside the target folder.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tarfile
 import urllib.error
@@ -84,13 +87,20 @@ def fetch(url: str, dest: str | Path, md5: str | None = None, progress: bool = T
                 have = 0  # the server ignored the Range header: start again
             length = response.headers.get("Content-Length")
             total = have + int(length) if length is not None else None
+            interrupted = f"{dest.name}: the download was interrupted; the partial file is kept, run again to resume"
             with (
                 open(part, "ab" if resumed else "wb") as f,
                 tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
             ):
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
-                    bar.update(len(block))
+                try:
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        f.write(block)
+                        bar.update(len(block))
+                except (OSError, http.client.HTTPException) as exc:
+                    raise DownloadError(f"{interrupted} ({exc})") from None
+            received = part.stat().st_size
+            if total is not None and received < total:  # the server closed early: what came is a prefix
+                raise DownloadError(f"{interrupted} ({received} of {total} bytes)")
     if md5 is not None:
         got = md5sum(part)
         if got != md5:

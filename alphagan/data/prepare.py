@@ -1,16 +1,22 @@
 """Preprocessing as the paper did it, for any folder of NIfTI or FreeSurfer files, into one cache.
 
+Taught in notebook 01.
+
 Each volume is read with nibabel (scaling slopes honoured), reoriented to RAS, checked, trimmed of all-zero
 planes, padded to a cube in millimetres (so the brain keeps its proportions; stretching to a cube, as the
 authors' code did, stays an option), resized to S^3 with anti-aliasing and normalised to [-1, 1] with the
 background at -1. The cache is one `volumes.npy` (N, S, S, S) float32 array that `np.load(mmap_mode="r")`
 maps without reading, a `manifest.tsv` (source, subject, original shape and spacing, SHA-256), `settings.json`
-and `rejected.tsv`. It is replaced only when a run completes.
+and `rejected.tsv`. It is replaced only when a run completes. `prepare` writes only into a folder that is absent,
+empty or a cache of its own, never into the folder of its inputs, and one run at a time per cache (a lock file
+beside it); volumes stream into the array as they are made, so memory does not grow with the cohort.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import glob
 import hashlib
 import json
@@ -28,8 +34,9 @@ import numpy as np
 LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz")
 DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
+MAX_VOXELS = 512**3  # a header promising more is refused before its data are read (1 mm brains: about 8 M voxels)
 MIN_BRAIN_EXTENT_MM = 50.0  # a brain is at least this long on every axis (adult brains: 140-180 mm)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the manifest column cube_mm is called fov_mm, like everywhere else
 
 
 class InputError(ValueError):
@@ -52,7 +59,7 @@ class Entry:
     shape: str = ""
     spacing: str = ""
     sha256: str = ""
-    cube_mm: float = 0.0
+    fov_mm: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- finding files
@@ -159,6 +166,8 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
         raise InputError(f"4-D image with {shape[3]} volumes (shape {shape}); one 3-D volume expected")
     if len(img.shape) != 3 or min(img.shape) < 2:
         raise InputError(f"not a 3-D volume (shape {shape})")
+    if int(np.prod(img.shape, dtype=np.int64)) > MAX_VOXELS:
+        raise InputError(f"its header says {img.shape} voxels, above the limit of {MAX_VOXELS:,} (512³)")
     try:
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -206,7 +215,8 @@ def bounding_box(data: np.ndarray) -> tuple[slice, slice, slice]:
 def to_cube(data: np.ndarray, spacing: np.ndarray, size: int, stretch: bool = False) -> tuple[np.ndarray, float]:
     """Trim all-zero planes, then resize to `size`^3 keeping physical proportions (pad to a cube in mm).
 
-    Returns the cube and its edge in mm. With `stretch`, each axis is resized straight to `size`.
+    Returns the cube and its field of view `fov_mm` (the cube's edge in mm). With `stretch`, each axis is resized
+    straight to `size`.
     """
     from skimage.transform import resize
 
@@ -243,11 +253,11 @@ def preprocess(path: str | Path, settings: Settings = Settings(), channel: int =
     data, spacing = load_ras(path, channel)
     check_volume(data, spacing)
     np.maximum(data, 0.0, out=data)  # negative intensities are background-side noise in brain-masked MRI
-    cube, cube_mm = to_cube(data, spacing, settings.size, settings.stretch)
+    cube, fov_mm = to_cube(data, spacing, settings.size, settings.stretch)
     info = {
         "shape": "x".join(map(str, data.shape)),
         "spacing": "x".join(f"{s:.4g}" for s in spacing),
-        "cube_mm": round(cube_mm, 3),
+        "fov_mm": round(fov_mm, 3),
     }
     return normalise(cube, settings.percentile), info
 
@@ -260,7 +270,7 @@ def _work(args: tuple[Entry, Settings]) -> tuple[Entry, np.ndarray | None, str]:
         return entry, None, str(exc)
     except OSError as exc:
         return entry, None, f"cannot be read ({exc.strerror or exc})"
-    entry.shape, entry.spacing, entry.cube_mm = info["shape"], info["spacing"], info["cube_mm"]
+    entry.shape, entry.spacing, entry.fov_mm = info["shape"], info["spacing"], info["fov_mm"]
     return entry, volume, ""
 
 
@@ -291,6 +301,42 @@ def read_manifest(cache: str | Path) -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
+CACHE_FILES = frozenset({"volumes.npy", "manifest.tsv", "rejected.tsv", "settings.json"})
+
+
+def _check_out(src: str, out: Path) -> None:
+    """`prepare` writes only into a folder that is absent, empty or a cache of its own, and never over its inputs."""
+    root = Path(re.split(r"[*?\[]", src)[0]) if glob.has_magic(src) else Path(src)
+    root, target = root.resolve(), out.resolve()
+    if target == root or target in root.parents:
+        raise ValueError(f"{out}: the inputs ({src}) lie inside this folder; choose an --out outside them")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in CACHE_FILES) if out.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(f"{out}: holds files that are not a prepare cache ({shown}); choose an empty or new --out")
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One `prepare` at a time per cache; temporary folders left by a killed run are cleaned or restored."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{out}: another prepare is writing this cache; wait for it to finish") from None
+        for old in out.parent.glob(f".{out.name}.old-*"):
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # killed between the two renames: the previous cache is still complete
+                os.replace(old, out)
+        for partial in out.parent.glob(f".{out.name}.partial-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        yield
+
+
 def prepare(
     src: str,
     out: str | Path,
@@ -302,71 +348,77 @@ def prepare(
     progress: bool = True,
 ) -> PrepareResult:
     """Preprocess every input of `src` into the cache folder `out`; see the module docstring."""
-    from tqdm.auto import tqdm
-
+    if not isinstance(size, int) or not 8 <= size <= 512:
+        raise ValueError(f"--size must be a whole number from 8 to 512, got {size!r}")
     settings = Settings(size=size, stretch=stretch)
     out = Path(out)
+    _check_out(src, out)
     entries = find_inputs(src, layout, modality)
     if not entries:
         raise FileNotFoundError(f"{src}: no input images found (layout {layout!r}, modality {modality!r})")
-    previous = _read_previous(out, settings)
+    with _locked(out):
+        return _prepare_locked(entries, src, out, settings, workers, progress)
 
-    results: list[tuple[Entry, np.ndarray | None, str]] = []
-    todo = []
-    reused = 0
-    for entry in entries:
+
+def _prepare_locked(
+    entries: list[Entry], src: str, out: Path, settings: Settings, workers: int | None, progress: bool
+) -> PrepareResult:
+    from tqdm.auto import tqdm
+
+    previous = _read_previous(out, settings)
+    todo, reused = [], []
+    for index, entry in enumerate(entries):
         try:
             digest = sha256(entry.source)
         except OSError:
             digest = ""
-        key = (entry.source, entry.channel, digest)
         entry.sha256 = digest  # computed once; the workers reuse it
-        if key in previous:
-            volume, row = previous[key]
-            entry.shape, entry.spacing, entry.cube_mm = row["shape"], row["spacing"], float(row["cube_mm"])
-            results.append((entry, np.array(volume), ""))
-            reused += 1
-        else:
-            todo.append(entry)
+        key = (entry.source, entry.channel, digest)
+        (reused if key in previous else todo).append((index, entry))
 
-    workers = workers or min(len(todo), os.cpu_count() or 1) or 1
-    bar = tqdm(total=len(todo), desc="prepare", unit="vol", disable=not progress)
-    if workers == 1:
-        for entry in todo:
-            results.append(_work((entry, settings)))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(_work, [(e, settings) for e in todo], chunksize=1):
-                results.append(result)
-                bar.update()
-    bar.close()
-
-    order = {(e.source, e.channel): i for i, e in enumerate(entries)}
-    results.sort(key=lambda r: order[(r[0].source, r[0].channel)])
-    good = [(e, v) for e, v, _ in results if v is not None]
-    rejected = [(e.source, reason) for e, v, reason in results if v is None]
-    for source, reason in rejected:
-        print(f"rejected {source}: {reason}", file=sys.stderr)
-    if not good:
-        raise RuntimeError(f"{src}: none of the {len(entries)} inputs could be used; see the reasons above")
-    _write_cache(out, settings, good, rejected)
-    return PrepareResult(out, len(good) - reused, reused, rejected)
-
-
-def _write_cache(
-    out: Path, settings: Settings, good: list[tuple[Entry, np.ndarray]], rejected: list[tuple[str, str]]
-) -> None:
-    """Write the whole cache into a temporary folder, then swap it in place of `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_cache_files(tmp, settings, good, rejected)
-    except BaseException:
+        # Volumes are written as they arrive, into a scratch array in input order; never all held in memory.
+        scratch = np.lib.format.open_memmap(
+            tmp / "scratch.npy", "w+", np.float32, (len(entries),) + (settings.size,) * 3
+        )
+        ok = [False] * len(entries)
+        rejected: list[tuple[str, str]] = []
+        for index, entry in reused:
+            volume, row = previous[(entry.source, entry.channel, entry.sha256)]
+            entry.shape, entry.spacing, entry.fov_mm = row["shape"], row["spacing"], float(row["fov_mm"])
+            scratch[index], ok[index] = volume, True
+        workers = workers or min(len(todo), os.cpu_count() or 1) or 1
+        jobs = [(entry, settings) for _, entry in todo]
+        with (
+            ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool,
+            tqdm(total=len(todo), desc="prepare", unit="vol", disable=not progress) as bar,
+        ):
+            results = pool.map(_work, jobs, chunksize=1) if pool else map(_work, jobs)
+            for (index, _), (entry, volume, reason) in zip(todo, results):
+                entries[index] = entry  # the worker's copy carries shape, spacing and cube size
+                if volume is None:
+                    rejected.append((entry.source, reason))
+                else:
+                    scratch[index], ok[index] = volume, True
+                bar.update()
+        for source, reason in rejected:
+            print(f"rejected {source}: {reason}", file=sys.stderr)
+        good = [i for i, flag in enumerate(ok) if flag]
+        if not good:
+            raise RuntimeError(f"{src}: none of the {len(entries)} inputs could be used; see the reasons above")
+        _write_cache_files(tmp, settings, scratch, good, [entries[i] for i in good], rejected)
+        del scratch
+        (tmp / "scratch.npy").unlink()
+        _swap_in(tmp, out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return PrepareResult(out, len(good) - len(reused), len(reused), rejected)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace `out` by the complete `tmp`: a reader sees the old cache or the new one, never a mixture."""
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
@@ -377,22 +429,24 @@ def _write_cache(
 
 
 def _write_cache_files(
-    folder: Path, settings: Settings, good: list[tuple[Entry, np.ndarray]], rejected: list[tuple[str, str]]
+    folder: Path,
+    settings: Settings,
+    scratch: np.ndarray,
+    rows: list[int],
+    entries: list[Entry],
+    rejected: list[tuple[str, str]],
 ) -> None:
     volumes = np.lib.format.open_memmap(
-        folder / "volumes.npy",
-        mode="w+",
-        dtype=np.float32,
-        shape=(len(good), settings.size, settings.size, settings.size),
+        folder / "volumes.npy", mode="w+", dtype=np.float32, shape=(len(rows),) + (settings.size,) * 3
     )
-    for i, (_, volume) in enumerate(good):
-        volumes[i] = volume
+    for i, row in enumerate(rows):
+        volumes[i] = scratch[row]
     volumes.flush()
     del volumes
     with open(folder / "manifest.tsv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(Entry.__dataclass_fields__), delimiter="\t")
         writer.writeheader()
-        for entry, _ in good:
+        for entry in entries:
             writer.writerow(asdict(entry))
     with open(folder / "rejected.tsv", "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t")
@@ -402,10 +456,27 @@ def _write_cache_files(
 
 
 def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:
-    """The memory-mapped volumes, the manifest rows and the settings of a cache folder."""
+    """The memory-mapped volumes, the manifest rows and the settings of a cache folder, checked against each
+    other: a damaged cache is refused here, naming the file, rather than deep inside a model."""
     cache = Path(cache)
+    if not cache.is_dir():
+        raise FileNotFoundError(f"{cache}: no such folder; prepare a cache with `python -m alphagan prepare`")
     if not (cache / "volumes.npy").exists():
         raise FileNotFoundError(f"{cache}: not a prepared cache (no volumes.npy); run `python -m alphagan prepare`")
-    volumes = np.load(cache / "volumes.npy", mmap_mode="r")
-    settings = json.loads((cache / "settings.json").read_text())
-    return volumes, read_manifest(cache), settings
+    try:
+        volumes = np.load(cache / "volumes.npy", mmap_mode="r")
+        settings = json.loads((cache / "settings.json").read_text())
+        manifest = read_manifest(cache)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{cache}: damaged cache ({type(exc).__name__}: {exc}); prepare it again") from None
+    size = settings.get("size")
+    if volumes.ndim != 4 or volumes.shape[1:] != (size, size, size):
+        raise ValueError(f"{cache / 'volumes.npy'}: shape {volumes.shape} but settings.json says {size}³ volumes")
+    if len(manifest) != len(volumes):
+        raise ValueError(f"{cache / 'manifest.tsv'}: {len(manifest)} rows for {len(volumes)} volumes; prepare it again")
+    if not len(volumes):
+        raise ValueError(f"{cache}: the cache holds no volume")
+    fovs = [float(row.get("fov_mm") or "nan") for row in manifest]
+    if not all(np.isfinite(f) and f > 0 for f in fovs):
+        raise ValueError(f"{cache / 'manifest.tsv'}: a fov_mm that is not a positive number; prepare it again")
+    return volumes, manifest, settings

@@ -1,5 +1,7 @@
 """The common space of the course's cubic volumes: RAS orientation, isotropic voxels, MNI-centred.
 
+Taught in notebook 01.
+
 A 64^3 training volume has no scanner geometry of its own any more (it was trimmed, padded and resized). To
 save generated volumes as NIfTI files that open on the MNI template in nilearn or any viewer, we give every
 cube the same affine: RAS axes, a field of view of `fov_mm` and its centre on the centre of the MNI brain.

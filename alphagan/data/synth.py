@@ -1,5 +1,7 @@
 """A synthetic cohort of skull-stripped brain MRI volumes, made offline from the templates in nilearn's wheel.
 
+Taught in notebook 01.
+
 Real cohorts (ADNI, BraTS, ATLAS) need an account, so the course brings its own. Each subject is the ICBM152
 2009a anatomy (grey- and white-matter probability maps, CSF = brain mask - GM - WM) put through
 

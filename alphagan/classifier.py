@@ -1,5 +1,7 @@
 """Does synthetic data help? A small 3D classifier trained on few real volumes, with or without generated ones.
 
+Taught in notebook 06.
+
 The paper's stated future work: use generated volumes to train a diagnostic model. The experiment here is the
 smallest honest version of it: a binary classifier (e.g. tumour against normal) trained on a few real subjects,
 then on the same subjects plus generated volumes of each class, both evaluated on the same held-out real

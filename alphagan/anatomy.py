@@ -1,0 +1,97 @@
+"""Anatomy of real and generated volumes: tissue maps and volumes, and one-sided lesions (notebooks 04 and 05).
+
+Brain, GM, WM, CSF and ventricle volumes come from a three-class Gaussian mixture on intensities inside the
+brain; lesions from left-right asymmetry. Volumes are arrays of shape (S, S, S) in [-1, 1], RAS order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TISSUES = ("csf", "gm", "wm")
+VENTRICLE_BOX_MM = ((-30, 30), (-45, 25), (-5, 35))  # x, y, z in the course's MNI-centred space
+
+
+def segment(volume: np.ndarray, contrast: str = "t1", threshold: float = -0.9, seed: int = 0) -> dict[str, np.ndarray]:
+    """Soft CSF / GM / WM maps inside the brain from a three-class Gaussian mixture on intensities.
+
+    The brain is every voxel above `threshold` (background is -1 in prepared and generated volumes). Classes
+    are named by their mean intensity in the contrast's order (T1w: CSF < GM < WM; T2w: WM < GM < CSF).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    volume = np.asarray(volume, dtype=np.float64).reshape(np.shape(volume)[-3:])
+    brain = volume > threshold
+    values = volume[brain].reshape(-1, 1)
+    if len(values) < 30:
+        raise ValueError("fewer than 30 brain voxels: nothing to segment")
+    # CSF is the smallest class inside a brain mask: start the darkest component low (T1w; for T2w the order of
+    # the components is reversed below, the starting points serve both).
+    init = np.percentile(values, [5, 40, 85]).reshape(-1, 1)
+    gmm = GaussianMixture(3, means_init=init, random_state=seed).fit(values)
+    posterior = gmm.predict_proba(values)
+    order = np.argsort(gmm.means_.ravel())  # dark to bright
+    names = {"t1": TISSUES, "flair": TISSUES, "t2": ("wm", "gm", "csf")}[contrast]
+    maps = {}
+    for name, component in zip(names, order):
+        m = np.zeros(volume.shape)
+        m[brain] = posterior[:, component]
+        maps[name] = m
+    maps["brain"] = brain.astype(np.float64)
+    return maps
+
+
+def tissue_volumes(volume: np.ndarray, affine: np.ndarray, contrast: str = "t1") -> dict[str, float]:
+    """Brain, GM, WM, CSF and ventricle volumes in mL. Ventricles: CSF inside a box around the brain's centre."""
+    maps = segment(volume, contrast)
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    out = {f"{k}_ml": float(maps[k].sum() * voxel_ml) for k in ("brain", "gm", "wm", "csf")}
+    ijk = np.indices(maps["csf"].shape).reshape(3, -1)
+    xyz = (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape(3, *maps["csf"].shape)
+    box = np.ones(maps["csf"].shape, dtype=bool)
+    for axis, (lo, hi) in enumerate(VENTRICLE_BOX_MM):
+        box &= (xyz[axis] > lo) & (xyz[axis] < hi)
+    out["ventricle_ml"] = float((maps["csf"] * box * (maps["csf"] > 0.5)).sum() * voxel_ml)
+    return out
+
+
+def lesion_mask(volume: np.ndarray, kind: str, contrast: str, threshold: float = -0.9) -> np.ndarray:
+    """The largest connected lesion-like region of a volume in [-1, 1] (RAS: left-right is the first axis).
+
+    Lesions here are one-sided and the healthy brain nearly symmetric, so a lesion voxel differs from its
+    left-right mirror: brighter by more than 0.3 for tumours in FLAIR and T2w; darker by more than 0.4 and darker
+    than the brain's median for strokes and tumours in T1w (dark lesions compete with the sulci's CSF, whose
+    natural asymmetries need the stricter rule: on 12 synthetic strokes it raised the correlation of measured
+    with true stroke volumes from 0.13 to 0.63; tumours: 0.89 in FLAIR, 0.86 in T2w).
+    """
+    from scipy import ndimage
+
+    if kind not in ("tumor", "stroke"):
+        raise ValueError(f"kind must be tumor or stroke, got {kind!r}")
+    volume = np.asarray(volume, dtype=np.float64).reshape(np.shape(volume)[-3:])
+    mirror = volume[::-1]
+    brain = (volume > threshold) & (mirror > threshold)
+    if kind == "tumor" and contrast in ("flair", "t2"):
+        candidate = brain & (volume - mirror > 0.3)
+    else:
+        candidate = brain & (mirror - volume > 0.4) & (volume < np.median(volume[brain]))
+    labels, n = ndimage.label(ndimage.binary_opening(candidate))
+    if n == 0:
+        return np.zeros(volume.shape, dtype=bool)
+    sizes = ndimage.sum_labels(np.ones_like(volume), labels, index=np.arange(1, n + 1))
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def lesion_stats(volume: np.ndarray, affine: np.ndarray, kind: str, contrast: str) -> dict[str, float]:
+    """Volume (mL) and centre (mm, world coordinates) of the largest lesion-like region; NaN centre if none."""
+    mask = lesion_mask(volume, kind, contrast)
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    if not mask.any():
+        return {"lesion_ml": 0.0, "lesion_x_mm": np.nan, "lesion_y_mm": np.nan, "lesion_z_mm": np.nan}
+    centre = affine[:3, :3] @ np.argwhere(mask).mean(0) + affine[:3, 3]
+    return {
+        "lesion_ml": float(mask.sum() * voxel_ml),
+        "lesion_x_mm": float(centre[0]),
+        "lesion_y_mm": float(centre[1]),
+        "lesion_z_mm": float(centre[2]),
+    }

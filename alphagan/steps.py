@@ -1,0 +1,147 @@
+"""Each model's updates as a table, chosen once before the training loop (taught in notebook 03).
+
+An iteration runs a model's updates in order, each `repeats` times: for the alpha-WGAN-GP, E+G twice, then D,
+then C. An `Update` says which networks learn (the others are frozen), which random inputs it draws fresh, and
+its loss. Inputs are drawn by `draw`, from one generator, into one dict that the updates share: the code
+discriminator, which draws no volumes, scores codes of the real batch the image critic just saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from alphagan import losses
+from alphagan.config import Config
+from alphagan.data.dataset import Cohort
+
+Nets = dict[str, nn.Module]
+Inputs = dict[str, Tensor]
+LossFn = Callable[[Nets, Inputs, Config], tuple[Tensor, losses.Terms]]
+
+
+@dataclass(frozen=True)
+class Update:
+    """One of a model's updates: its optimiser's name, the networks it trains, what it draws, its loss."""
+
+    name: str
+    learns: tuple[str, ...]
+    draws: tuple[str, ...]  # x: an augmented real batch; z, eps: N(0, I) codes; alpha, alpha2: U(0, 1) per sample
+    loss: LossFn
+    repeats: str | None = None  # the Config field with the number of runs per iteration; None: once
+
+    def times(self, cfg: Config) -> int:
+        return getattr(cfg, self.repeats) if self.repeats else 1
+
+
+# Looked up in `losses` at call time, so a test can replace a loss function there.
+def _alpha_wgan_gp_eg(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    return losses.alpha_wgan_gp_eg(n["E"], n["G"], n["D"], n["C"], b["x"], b["z"], cfg.lambda_rec)
+
+
+def _alpha_wgan_gp_d(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    alphas = (b["alpha"], b["alpha2"])
+    return losses.alpha_wgan_gp_d(n["E"], n["G"], n["D"], b["x"], b["z"], cfg.lambda_gp, alphas)
+
+
+def _alpha_wgan_gp_c(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    return losses.alpha_wgan_gp_c(n["E"], n["C"], b["x"], b["z"], cfg.lambda_gp, b["alpha"])
+
+
+def _alpha_gan_eg(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    return losses.alpha_gan_eg(n["E"], n["G"], n["D"], n["C"], b["x"], b["z"], cfg.lambda_rec)
+
+
+def _alpha_gan_d(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    return losses.alpha_gan_d(n["E"], n["G"], n["D"], b["x"], b["z"])
+
+
+def _alpha_gan_c(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    return losses.alpha_gan_c(n["E"], n["C"], b["x"], b["z"])
+
+
+def _wgan_gp_g(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    return losses.wgan_gp_g(n["G"], n["D"], b["z"])
+
+
+def _wgan_gp_d(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    return losses.wgan_gp_d(n["G"], n["D"], b["x"], b["z"], cfg.lambda_gp, b["alpha"])
+
+
+def _vae_gan_eg(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    return losses.vae_gan_eg(n["E"], n["G"], n["D"], b["x"], b["z"], b["eps"], cfg.lambda_rec, cfg.beta_kl)
+
+
+def _vae_gan_d(n: Nets, b: Inputs, cfg: Config) -> tuple[Tensor, losses.Terms]:
+    return losses.vae_gan_d(n["E"], n["G"], n["D"], b["x"], b["z"])
+
+
+UPDATES: dict[str, tuple[Update, ...]] = {
+    "alpha-wgan-gp": (
+        Update("EG", ("E", "G"), ("x", "z"), _alpha_wgan_gp_eg, "g_steps"),
+        Update("D", ("D",), ("x", "z", "alpha", "alpha2"), _alpha_wgan_gp_d, "d_steps"),
+        Update("C", ("C",), ("z", "alpha"), _alpha_wgan_gp_c),
+    ),
+    "alpha-gan": (
+        Update("EG", ("E", "G"), ("x", "z"), _alpha_gan_eg, "g_steps"),
+        Update("D", ("D",), ("x", "z"), _alpha_gan_d, "d_steps"),
+        Update("C", ("C",), ("z",), _alpha_gan_c),
+    ),
+    "wgan-gp": (
+        Update("G", ("G",), ("z",), _wgan_gp_g, "g_steps"),
+        Update("D", ("D",), ("x", "z", "alpha"), _wgan_gp_d, "d_steps"),
+    ),
+    "vae-gan": (
+        Update("EG", ("E", "G"), ("x", "z", "eps"), _vae_gan_eg, "g_steps"),
+        Update("D", ("D",), ("x", "z"), _vae_gan_d, "d_steps"),
+    ),
+}
+
+
+def draw(keys: tuple[str, ...], inputs: Inputs, cohort: Cohort, cfg: Config, static: bool = False) -> None:
+    """Draw fresh `keys` into `inputs`, in order, from the cohort's generator. With `static`, write into the
+    tensors already there (a CUDA graph reads its inputs from fixed addresses)."""
+    rng = cohort.generator
+    for key in keys:
+        if key == "x":
+            value = cohort.batch(cfg.batch)
+        elif key in ("z", "eps"):
+            value = torch.randn(cfg.batch, cfg.latent, generator=rng, device=rng.device)
+        else:
+            value = torch.rand(cfg.batch, generator=rng, device=rng.device)
+        if static and key in inputs:
+            inputs[key].copy_(value)
+        else:
+            inputs[key] = value
+
+
+def set_trainable(nets: Nets, learns: tuple[str, ...]) -> None:
+    """Gradients for the networks that learn in this update only, so no update leaves gradients elsewhere."""
+    for name, net in nets.items():
+        net.requires_grad_(name in learns)
+
+
+def optimisers(nets: Nets, updates: tuple[Update, ...], cfg: Config, **adam) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per update, over the parameters of the networks it trains."""
+    return {
+        u.name: torch.optim.Adam(
+            [p for k in u.learns for p in nets[k].parameters()], lr=cfg.lr, betas=tuple(cfg.betas), **adam
+        )
+        for u in updates
+    }
+
+
+def run_update(
+    update: Update, nets: Nets, optimiser: torch.optim.Optimizer, inputs: Inputs, cfg: Config
+) -> losses.Terms:
+    """One plain update: freeze the others, compute the loss, step the optimiser. The training loop adds
+    mixed precision, loss scaling, divergence checks and CUDA graphs around this same sequence."""
+    set_trainable(nets, update.learns)
+    loss, terms = update.loss(nets, inputs, cfg)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return terms
