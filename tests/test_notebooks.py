@@ -90,3 +90,5 @@ def test_notebook_json_is_stable():
     for path in NOTEBOOKS:
         nb = json.loads(path.read_text())
         assert nb["metadata"]["kernelspec"]["name"] == "python3"
+        ids = [c.get("id") for c in nb["cells"]]
+        assert all(ids) and len(set(ids)) == len(ids), path  # nbformat 4.5: every cell has its own id
