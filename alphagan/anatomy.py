@@ -1,6 +1,6 @@
 """Anatomy of real and generated volumes: tissue maps and volumes, and one-sided lesions (notebooks 04 and 05).
 
-Brain, GM, WM, CSF and ventricle volumes come from a three-class Gaussian mixture on intensities inside the
+Brain, GM, WM and CSF volumes come from a three-class Gaussian mixture on intensities inside the
 brain; lesions from left-right asymmetry. Volumes are arrays of shape (S, S, S) in [-1, 1], RAS order.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 TISSUES = ("csf", "gm", "wm")
-VENTRICLE_BOX_MM = ((-30, 30), (-45, 25), (-5, 35))  # x, y, z in the course's MNI-centred space
 
 
 def segment(volume: np.ndarray, contrast: str = "t1", threshold: float = -0.9, seed: int = 0) -> dict[str, np.ndarray]:
@@ -42,17 +41,15 @@ def segment(volume: np.ndarray, contrast: str = "t1", threshold: float = -0.9, s
 
 
 def tissue_volumes(volume: np.ndarray, affine: np.ndarray, contrast: str = "t1") -> dict[str, float]:
-    """Brain, GM, WM, CSF and ventricle volumes in mL. Ventricles: CSF inside a box around the brain's centre."""
+    """Brain, GM, WM and CSF volumes in mL, the soft class maps summed.
+
+    Accuracy on the evaluation path (64^3 cache volumes of the synthetic cohort against their true volumes, 16
+    subjects): brain +4 % (r 1.00), GM +12 % (r 0.82), WM -6 % (r 0.81), CSF +3 % (r 0.76). Compare real and
+    generated volumes measured the same way, not these numbers with a radiologist's. The lateral ventricles
+    are not measured: at 64^3 their partial volumes read as grey matter (an attempt came out 33 % low)."""
     maps = segment(volume, contrast)
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-    out = {f"{k}_ml": float(maps[k].sum() * voxel_ml) for k in ("brain", "gm", "wm", "csf")}
-    ijk = np.indices(maps["csf"].shape).reshape(3, -1)
-    xyz = (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape(3, *maps["csf"].shape)
-    box = np.ones(maps["csf"].shape, dtype=bool)
-    for axis, (lo, hi) in enumerate(VENTRICLE_BOX_MM):
-        box &= (xyz[axis] > lo) & (xyz[axis] < hi)
-    out["ventricle_ml"] = float((maps["csf"] * box * (maps["csf"] > 0.5)).sum() * voxel_ml)
-    return out
+    return {f"{k}_ml": float(maps[k].sum() * voxel_ml) for k in ("brain", "gm", "wm", "csf")}
 
 
 def lesion_mask(volume: np.ndarray, kind: str, contrast: str, threshold: float = -0.9) -> np.ndarray:

@@ -27,7 +27,7 @@ from alphagan.data.space import cube_affine
 from alphagan.sampling import generate, load_generator
 
 HELD_OUT_SEED_OFFSET = 10_000  # synthetic held-out subjects: a cohort seed no training run uses by default
-QUANTITIES = ("brain_ml", "gm_ml", "wm_ml", "csf_ml", "ventricle_ml")
+QUANTITIES = ("brain_ml", "gm_ml", "wm_ml", "csf_ml")
 
 
 def _run_data(checkpoint: str | Path) -> str | None:
