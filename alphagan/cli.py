@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,15 +37,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         stretch=args.stretch,
         workers=args.workers,
     )
+    rejected = f" (reasons in {result.out / 'rejected.tsv'})" if result.rejected else ""
     print(
         f"{result.out}: {result.written} volumes written, {result.reused} unchanged, "
-        f"{len(result.rejected)} rejected (see {result.out / 'rejected.tsv'})"
+        f"{len(result.rejected)} rejected{rejected}"
     )
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from alphagan.config import default_profile, make_config
+    from alphagan.data.dataset import Source
     from alphagan.train import TrainingDiverged, train
 
     overrides = {
@@ -68,6 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     }
     overrides.update(channels_last=args.channels_last or None, compile=args.compile or None)
+    source = Source.parse(args.data)
+    if overrides["size"] is None and not source.synthetic and (source.cache / "settings.json").exists():
+        overrides["size"] = json.loads((source.cache / "settings.json").read_text()).get("size")
+        print(f"train: {source.cache} holds {overrides['size']}³ volumes; training at that size", file=sys.stderr)
     cfg = make_config(args.profile or default_profile(), args.model, **overrides)
     try:
         result = train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
@@ -158,25 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model")
     p.add_argument("--data", required=True, help="a prepared cache folder, or synth[:kind[:contrast]]")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", choices=MODELS, default="alpha-wgan-gp")
+    p.add_argument("--out", required=True, help="the run folder: config.json, metrics.jsonl, checkpoints, samples")
+    p.add_argument("--model", choices=MODELS, default="alpha-wgan-gp", help="default: alpha-wgan-gp")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu on a CUDA GPU, else cpu")
-    for name, kind in (
-        ("size", int),
-        ("width", int),
-        ("latent", int),
-        ("batch", int),
-        ("iters", int),
-        ("seed", int),
-        ("lr", float),
-        ("g-steps", int),
-        ("d-steps", int),
-        ("n-subjects", int),
-        ("log-every", int),
-        ("sample-every", int),
-        ("ckpt-every", int),
+    for name, kind, text in (
+        ("size", int, "edge of the cubic volumes; a cache's own size when --data is a cache"),
+        ("width", int, "channels of the first convolution block"),
+        ("latent", int, "size of the latent code"),
+        ("batch", int, "volumes per batch"),
+        ("iters", int, "iterations in all (with --resume: the new total)"),
+        ("seed", int, "seed of the weights, batches and noise"),
+        ("lr", float, "Adam's learning rate, all networks"),
+        ("g-steps", int, "encoder+generator updates per iteration"),
+        ("d-steps", int, "critic updates per iteration"),
+        ("n-subjects", int, "size of the synthetic cohort (--data synth...)"),
+        ("log-every", int, "iterations between lines of metrics.jsonl"),
+        ("sample-every", int, "iterations between progress pictures"),
+        ("ckpt-every", int, "iterations between checkpoints"),
     ):
-        p.add_argument(f"--{name}", type=kind, default=None)
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{text}; default: the profile's")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--channels-last", action="store_true")

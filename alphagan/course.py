@@ -77,7 +77,7 @@ def run_course(
     """Run the notebooks; 0 when all ran, 1 with a message naming the notebook and cell otherwise."""
     import papermill
 
-    from alphagan.config import default_profile
+    from alphagan.config import COURSE, default_profile
 
     profile = profile or default_profile()
     selected = notebooks(only, notebook_dir)  # checked before anything is created
@@ -88,21 +88,24 @@ def run_course(
     timings: list[tuple[str, float]] = []
     for i, notebook in enumerate(selected, 1):
         executed = run_dir / notebook.name
-        print(f"[{i}/{len(selected)}] {notebook.name} ...", end=" ", flush=True)
+        measured = COURSE[profile].get("minutes", {}).get(notebook.name[:2])
+        took = f" (took {measured} min on the course map's machine)" if measured else ""
+        print(f"[{i}/{len(selected)}] {notebook.name}{took}", flush=True)
         start = time.perf_counter()
         try:
             papermill.execute_notebook(
                 str(notebook),
                 str(executed),
                 cwd=str(notebook.parent),
-                progress_bar=False,
+                # Cell i/N, elapsed time and an estimate, so that a long notebook does not look hung.
+                progress_bar={"desc": f"{notebook.stem} cells", "unit": "cell", "file": sys.stderr},
                 parameters={"profile": profile, "run_dir": str(run_dir / notebook.stem)},
                 # The kernel talks to us on 127.0.0.1 only; its start-up warning about unencrypted TCP is noise
                 # here, and errors still reach the executed notebook and this runner.
                 extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
         except Exception as exc:  # papermill raises PapermillExecutionError, kernels may die otherwise
-            print("FAILED", flush=True)
+            print(f"[{i}/{len(selected)}] {notebook.name} FAILED", flush=True)
             print(
                 f"course: {notebook.name} failed at {_failed_cell(executed)}\n"
                 f"  executed notebook: {executed}\n  {type(exc).__name__}",
@@ -111,7 +114,7 @@ def run_course(
             return 1
         seconds = time.perf_counter() - start
         timings.append((notebook.name, seconds))
-        print(f"done in {seconds / 60:.1f} min", flush=True)
+        print(f"[{i}/{len(selected)}] {notebook.name} done in {seconds / 60:.1f} min", flush=True)
     summary = _summary(run_dir, timings, profile)
     print(f"course: all {len(selected)} notebooks ran; summary: {summary}")
     return 0

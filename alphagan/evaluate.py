@@ -70,6 +70,8 @@ def evaluate(
     device: str | None = None,
 ) -> dict:
     """Evaluate each checkpoint against held-out real data; write the figures and tables; return the results."""
+    from tqdm.auto import tqdm
+
     from alphagan.viz import nearest_pairs, pca_scatter, use_headless_backend, volume_histograms
 
     use_headless_backend()
@@ -87,6 +89,7 @@ def evaluate(
     training_seed = models[0][1].seed
     real_set, real_fov_mm, real_text = real_volumes(real, size, n, training_seed)
     mmd_batch = min(mmd_batch, len(real_set))  # the paper's B = 8, unless fewer real volumes are at hand
+    pairs = min(pairs, len(real_set) * (len(real_set) - 1) // 2)  # no more pairs than distinct ones
     real_affine = cube_affine(size, real_fov_mm)
     results: dict = {
         "real": {"data": real_text, "n": len(real_set)},
@@ -111,7 +114,7 @@ def evaluate(
     feature_net = features.load_feature_network(feature_weights).to(device) if feature_weights else None
 
     generated_sets, tissues, nearest = {}, {}, {}
-    for checkpoint, (G, cfg, state) in zip(checkpoints, models):
+    for checkpoint, (G, cfg, state) in tqdm(list(zip(checkpoints, models)), desc="evaluate", unit="model"):
         name = _name(checkpoint, cfg, set(generated_sets))
         fake = generate(G, len(real_set), cfg.latent, seed=seed + 1)[:, 0].numpy()
         generated_sets[name] = fake
@@ -183,6 +186,13 @@ PAPER_TABLE = {
 }
 
 
+def _mean_sd(mean: float, sd: float) -> str:
+    """Plain digits, never scientific notation: whole numbers from 100 up, three significant digits below."""
+    if abs(mean) >= 100:
+        return f"{mean:.0f} ± {sd:.0f}"
+    return f"{mean:.3g} ± {sd:.2g}"
+
+
 def markdown_table(results: dict) -> str:
     """Table 1 in the paper's form: one row per model and the real data, MMD and MS-SSIM, plus what we add."""
     lines = [
@@ -196,7 +206,7 @@ def markdown_table(results: dict) -> str:
         memo_text = "" if memo is None else f"{memo:.2f}"
         frechet = f"{r['frechet']:.4g}" if "frechet" in r else ""
         lines.append(
-            f"| {name} | {r['mmd']:.4g} ± {r['mmd_std']:.2g} | {r['mmd_per_voxel']:.3g} | "
+            f"| {name} | {_mean_sd(r['mmd'], r['mmd_std'])} | {r['mmd_per_voxel']:.3g} | "
             f"{r['mmd_gaussian']:.3g} | {r['ms_ssim']:.3f} | {memo_text} | {frechet} |"
         )
     lines.append(f"| real (held out) | | | | {results['real']['ms_ssim']:.3f} | | |")

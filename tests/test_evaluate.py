@@ -76,3 +76,21 @@ def test_a_training_cache_on_the_real_side_is_flagged(tmp_path, cohort_dir):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "not held out" in results["real"]["warning"]
     assert results["models"]["alpha-wgan-gp z16"]["memorisation"]["nn_ratio"] is None  # held-out = training
+
+
+def test_table_numbers_are_plain_and_pairs_never_exceed_the_distinct_ones(runs, tmp_path):
+    from alphagan.evaluate import _mean_sd
+
+    assert _mean_sd(12630.4, 150.2) == "12630 ± 150" and _mean_sd(7.4567, 0.026) == "7.46 ± 0.026"
+    args = ["evaluate", "--real", "synth", "--checkpoint", str(runs / "alpha-wgan-gp" / "checkpoints")]
+    assert main([*args, "--out", str(tmp_path), "--n", "8", "--pairs", "1000", "--n-anatomy", "2"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["pairs"] == 28  # 8 * 7 / 2
+    assert "e+" not in (tmp_path / "table.md").read_text()
+
+
+def test_train_takes_the_size_of_its_cache(tmp_path, cohort_dir, capsys):
+    cache = prepare(str(cohort_dir), tmp_path / "cache", size=16, progress=False).out
+    args = ["train", "--data", str(cache), "--out", str(tmp_path / "run"), "--profile", "cpu", "--iters", "1"]
+    assert main([*args, "--width", "4", "--latent", "8", "--batch", "2", "--device", "cpu"]) == 0
+    assert "holds 16³ volumes; training at that size" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["size"] == 16
