@@ -37,8 +37,10 @@ def _failed_cell(executed: Path) -> str:
         nb = json.loads(executed.read_text())
     except (OSError, ValueError):
         return "unknown cell"
-    # Numbered as in the source notebook, from 1: the cell papermill injects with the parameters is not counted.
-    cells = [c for c in nb.get("cells", []) if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    # Numbered as in the source notebook, from 1: the cells papermill adds (the injected parameters, the error
+    # banner at the top) are not counted.
+    added = {"injected-parameters", "papermill-error-cell-tag"}
+    cells = [c for c in nb.get("cells", []) if not added & set(c.get("metadata", {}).get("tags", []))]
     for number, cell in enumerate(cells, 1):
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":

@@ -252,6 +252,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples")
 def _claim_run_folder(out: Path, data: str, cfg: Config, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder: a new run needs an empty one (or `overwrite`), a resumed run the
     same data it was trained on."""
+    out.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
     held = [name for name in RUN_FILES if (out / name).exists()]
     if resume:
         config = out / "config.json"

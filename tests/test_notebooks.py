@@ -76,7 +76,8 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path, capsys):
     nbformat.write(nb, folder / "01_broken.ipynb")
     assert run_course(profile="smoke", out=tmp_path / "run", notebook_dir=folder) == 1
     err = capsys.readouterr().err
-    assert "01_broken.ipynb failed at cell" in err
+    # Numbered as in the source notebook (from 1), not counting the cell papermill injects after the parameters.
+    assert "01_broken.ipynb failed at cell 3 (raise ValueError" in err
     assert "ValueError: the data folder is empty" in err
 
 
