@@ -70,6 +70,7 @@ def evaluate(
     device: str | None = None,
 ) -> dict:
     """Evaluate each checkpoint against held-out real data; write the figures and tables; return the results."""
+    import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
     from alphagan.viz import nearest_pairs, pca_scatter, use_headless_backend, volume_histograms
@@ -169,6 +170,7 @@ def evaluate(
         nearest_pairs(fake, train_set, memo.generated_index, memo.generated_nn, title=name).savefig(
             out / "nearest.png", dpi=90, bbox_inches="tight"
         )
+    plt.close("all")  # saved above; a notebook shows the files where its text introduces them
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(markdown_table(results))
     return results

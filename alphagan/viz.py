@@ -283,6 +283,8 @@ def volume_histograms(
         for name, v in zip(generated, values[1:]):
             ax.hist(v, bins=bins, histtype="step", lw=1.5, label=name)
         ax.set_title(key.replace("_ml", ""), fontsize=9)
+        ax.set_xlabel("mL", fontsize=8)
+    axes[0][0].set_ylabel("volumes")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
