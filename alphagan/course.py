@@ -8,9 +8,12 @@ with the notebook's name and the cell that failed.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from alphagan.progress import TEXT_PROGRESS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -86,6 +89,7 @@ def run_course(
     run_dir = Path(out) if out else Path("runs") / f"course-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
+    os.environ[TEXT_PROGRESS] = "1"  # the kernels inherit it: progress bars that are saved as they end
     print(f"course: profile {profile}, {len(selected)} notebooks, run folder {run_dir}", flush=True)
     timings: list[tuple[str, float]] = []
     for i, notebook in enumerate(selected, 1):

@@ -71,8 +71,8 @@ def evaluate(
 ) -> dict:
     """Evaluate each checkpoint against held-out real data; write the figures and tables; return the results."""
     import matplotlib.pyplot as plt
-    from tqdm.auto import tqdm
 
+    from alphagan.progress import tqdm
     from alphagan.viz import nearest_pairs, pca_scatter, use_headless_backend, volume_histograms
 
     use_headless_backend()

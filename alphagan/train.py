@@ -249,7 +249,7 @@ def _rng_state(cohort: Cohort, device: torch.device) -> dict:
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples")
 
 
-def _claim_run_folder(out: Path, data: str, cfg: Config, resume: bool, overwrite: bool) -> None:
+def _claim_run_folder(out: Path, data: str, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder: a new run needs an empty one (or `overwrite`), a resumed run the
     same data it was trained on."""
     out.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
@@ -311,15 +311,14 @@ def train(
     `out` must not hold a run already, unless `resume` continues it or `overwrite` deletes it first (only the run's
     own files). `after_iteration(done)` is called after every iteration (a profiler's `step`, a notebook's own
     display)."""
-    from tqdm.auto import tqdm
-
+    from alphagan.progress import tqdm
     from alphagan.viz import use_headless_backend
 
     cfg = cfg.validate()
     out = Path(out)
     data = str(Source.parse(data))  # a cache as its absolute path: the run can be evaluated from anywhere
     use_headless_backend()
-    _claim_run_folder(out, data, cfg, resume, overwrite)
+    _claim_run_folder(out, data, resume, overwrite)
 
     # ---- processes, device, precision -------------------------------------------------------------------
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1

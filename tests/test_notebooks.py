@@ -56,6 +56,11 @@ def test_course_runs_every_notebook_in_the_smoke_profile(tmp_path):
         assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
         assert (tmp_path / path.stem).is_dir()
         assert f"{path.name} done in" in run.stdout and f"{path.stem} cells: 100%" in run.stderr
+    # Progress bars are saved as text in their final state, not as widgets frozen at 0 %.
+    training = nbformat.read(tmp_path / "03_training.ipynb", as_version=4)
+    outputs = [o for c in training.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any("alpha-wgan-gp: 100%|" in o.get("text", "") for o in outputs)
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
     summary = (tmp_path / "summary.md").read_text()
     assert all(p.stem in summary for p in NOTEBOOKS) and "![" in summary
     assert "| real (held out) |" in summary  # notebook 04's Table 1

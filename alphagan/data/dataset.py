@@ -125,9 +125,8 @@ def synthetic_cache(
 ) -> Path:
     """The cache folder of a synthetic cohort, made once (in parallel processes) and reused by every later call
     with the same settings. It has the layout of a `prepare` cache, so `load_cache` reads it."""
-    from tqdm.auto import tqdm
-
     from alphagan.data.prepare import Settings
+    from alphagan.progress import tqdm
 
     folder = cache_root() / f"synth-{kind}-{contrast}-{size}-n{n}-seed{seed}-{_synthesis_version()}"
     if (folder / "settings.json").exists():

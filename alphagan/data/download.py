@@ -62,7 +62,7 @@ def md5sum(path: str | Path) -> str:
 
 def fetch(url: str, dest: str | Path, md5: str | None = None, progress: bool = True, timeout: float = 60.0) -> Path:
     """Download `url` to `dest`, continuing a partial `dest.part` if there is one, then verify its MD5."""
-    from tqdm.auto import tqdm
+    from alphagan.progress import tqdm
 
     dest = Path(dest)
     if dest.exists() and (md5 is None or md5sum(dest) == md5):

@@ -363,7 +363,7 @@ def prepare(
 def _prepare_locked(
     entries: list[Entry], src: str, out: Path, settings: Settings, workers: int | None, progress: bool
 ) -> PrepareResult:
-    from tqdm.auto import tqdm
+    from alphagan.progress import tqdm
 
     previous = _read_previous(out, settings)
     todo, reused = [], []

@@ -350,7 +350,7 @@ def make_cohort(
     """Write `n` subjects as NIfTI files and `participants.tsv` of their factors into `out`."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
+    from alphagan.progress import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
