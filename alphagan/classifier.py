@@ -76,6 +76,22 @@ class AugmentationResult:
         d = np.array(self.with_generated) - np.array(self.real_only)
         return float(d.mean()), float(d.std())
 
+    def conclusion(self) -> str:
+        """What this run shows, in words derived from its numbers: above chance when the mean accuracy minus two
+        standard deviations over seeds exceeds 0.5; an effect when the difference exceeds twice its spread."""
+        real = np.array(self.real_only)
+        above = real.mean() - 2 * real.std() > 0.5
+        mean, sd = self.difference
+        if abs(mean) <= 2 * sd or mean == 0:
+            effect = "within twice its spread: no effect shown"
+        else:
+            effect = "a gain beyond twice its spread" if mean > 0 else "a loss beyond twice its spread"
+        return (
+            f"Real subjects alone: held-out accuracy {real.mean():.3f} ± {real.std():.3f} over {len(real)} seeds, "
+            f"{'above' if above else 'not clearly above'} chance (0.5). Adding generated volumes changed it by "
+            f"{mean:+.3f} ± {sd:.3f}: {effect}."
+        )
+
 
 def augmentation_experiment(
     real_x: np.ndarray,

@@ -188,6 +188,31 @@ PAPER_TABLE = {
 }
 
 
+def conclusions(results: dict) -> list[str]:
+    """Sentences derived from the numbers of one `evaluate` run (notebook 04 prints them under its table)."""
+    models = results["models"]
+    if not models:
+        return []
+    lines = [
+        f"Lowest MMD in the paper's form: {min(models, key=lambda m: models[m]['mmd'])}; lowest Gaussian MMD²: "
+        f"{min(models, key=lambda m: models[m]['mmd_gaussian'])}."
+    ]
+    real = results["real"]["ms_ssim"]
+    for name, row in models.items():
+        if row["ms_ssim"] > real + 0.02:
+            diversity = f"its volumes are more alike than real pairs (MS-SSIM {row['ms_ssim']:.3f} > {real:.3f})"
+        elif row["ms_ssim"] < real - 0.02:
+            diversity = f"its volumes vary more than real pairs (MS-SSIM {row['ms_ssim']:.3f} < {real:.3f})"
+        else:
+            diversity = f"its volumes are about as diverse as real pairs (MS-SSIM {row['ms_ssim']:.3f})"
+        ratio = row.get("memorisation", {}).get("nn_ratio")
+        if ratio is not None:
+            closer = "closer to" if ratio < 1 else "no closer to"
+            diversity += f"; it is {closer} its training volumes than new real subjects are (ratio {ratio:.2f})"
+        lines.append(f"{name}: {diversity}.")
+    return lines
+
+
 def _mean_sd(mean: float, sd: float) -> str:
     """Plain digits, never scientific notation: whole numbers from 100 up, three significant digits below."""
     if abs(mean) >= 100:

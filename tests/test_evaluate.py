@@ -94,3 +94,26 @@ def test_train_takes_the_size_of_its_cache(tmp_path, cohort_dir, capsys):
     assert main([*args, "--width", "4", "--latent", "8", "--batch", "2", "--device", "cpu"]) == 0
     assert "holds 16³ volumes; training at that size" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["size"] == 16
+
+
+def test_conclusions_follow_the_numbers():
+    from alphagan.classifier import AugmentationResult
+    from alphagan.evaluate import conclusions
+
+    results = {
+        "real": {"ms_ssim": 0.85},
+        "models": {
+            "a": {"mmd": 10.0, "mmd_gaussian": 0.5, "ms_ssim": 0.95, "memorisation": {"nn_ratio": 0.8}},
+            "b": {"mmd": 20.0, "mmd_gaussian": 0.1, "ms_ssim": 0.60},
+            "c": {"mmd": 30.0, "mmd_gaussian": 0.9, "ms_ssim": 0.86, "memorisation": {"nn_ratio": 1.3}},
+        },
+    }
+    lines = conclusions(results)
+    assert lines[0] == "Lowest MMD in the paper's form: a; lowest Gaussian MMD²: b."
+    assert "more alike than real pairs" in lines[1] and "is closer to its training volumes" in lines[1]
+    assert "vary more than real pairs" in lines[2]
+    assert "about as diverse" in lines[3] and "no closer" in lines[3]
+    gain = AugmentationResult([0.70, 0.72, 0.71], [0.80, 0.81, 0.80]).conclusion()
+    assert "above chance" in gain and "not clearly" not in gain and "a gain beyond twice its spread" in gain
+    noise = AugmentationResult([0.50, 0.55, 0.45], [0.55, 0.45, 0.50]).conclusion()
+    assert "not clearly above chance" in noise and "no effect shown" in noise
