@@ -53,21 +53,75 @@ def _failed_cell(executed: Path) -> str:
     return "unknown cell"
 
 
+# What a figure shows, by file name (stem, or its start for one figure per cohort).
+CAPTIONS = {
+    "cohort": "the synthetic cohort: youngest and oldest subjects",
+    "codes": "codes of an untrained encoder against N(0, I)",
+    "loss_curves": "every loss term through training",
+    "samples": "samples from random codes, generator with recalibrated statistics",
+    "pca": "real and generated volumes on the first two principal components of the real set",
+    "volumes": "tissue volumes, real against generated",
+    "nearest": "generated volumes beside their nearest training volumes",
+    "views": "a real volume and generated ones, colour-mapped like the paper's Fig. 4",
+    "lesions": "lesion sizes and centres, real against generated",
+    "classes": "real and generated volumes of each class",
+    "augmentation": "held-out accuracy, real subjects only against real plus generated",
+}
+
+
+def _caption(figure: Path) -> str:
+    key = next((k for k in CAPTIONS if figure.stem == k or figure.stem.startswith(f"{k}-")), None)
+    detail = figure.stem.split("-", 1)[1] if key and "-" in figure.stem else ""
+    return (CAPTIONS[key] + (f" ({detail})" if detail else "")) if key else figure.stem.replace("_", " ")
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def _numbers(path: Path) -> list[str]:
+    """A JSON file of numbers as a two- or three-column table (one level of nesting flattened)."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        return [f"`{path.name}`: {data}", ""]
+    rows = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows += [f"| {key} | {k} | {_number(v)} |" for k, v in value.items()]
+        elif isinstance(value, list):
+            rows.append(f"| {key} | | {', '.join(_number(v) for v in value)} |")
+        else:
+            rows.append(f"| {key} | | {_number(value)} |")
+    return [f"Numbers (`{path.name}`):", "", "| quantity | | value |", "|---|---|---|", *rows, ""]
+
+
 def _summary(run_dir: Path, timings: list[tuple[str, float]], profile: str) -> Path:
-    """A Markdown page with each notebook's time and what it saved at the top of its folder: the numbers
-    (`*.json`), the tables (`*.md`, also one folder down, where `evaluate` writes them) and the figures."""
+    """A page a learner can read after a run: each notebook's time, then per notebook its numbers, its tables
+    (Table 1 before the latent-size table; the paper's table once) and its figures with captions."""
     lines = [f"# Course run, profile `{profile}`", "", "| notebook | minutes |", "|---|---|"]
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings]
+    paper_shown = False
     for name, _ in timings:
         stem = Path(name).stem
         folder = run_dir / stem
         lines += ["", f"## {stem}", ""]
         for key_file in sorted(folder.glob("*.json")):
-            lines += [f"`{key_file.name}`:", "", "```json", key_file.read_text().strip()[:2000], "```", ""]
-        for table in sorted([*folder.glob("*.md"), *folder.glob("*/table.md")]):
-            lines += [f"`{table.relative_to(run_dir)}`:", "", table.read_text().strip(), ""]
-        for figure in sorted([*folder.glob("*.png"), *folder.glob("*/pca.png")]):
-            lines.append(f"![{figure.stem}]({figure.relative_to(run_dir)})")
+            lines += _numbers(key_file)
+        tables = sorted([*folder.glob("*.md"), *folder.glob("*/table.md")], key=lambda t: t.parent.name != "table1")
+        for table in tables:
+            text = table.read_text().strip()
+            mark = "The paper's Table 1"
+            if mark in text:
+                text = text if not paper_shown else text[: text.index(mark)].strip()
+                paper_shown = True
+            title = "Table 1" if table.parent.name == "table1" else f"`{table.relative_to(run_dir)}`"
+            lines += [f"**{title}**", "", text, ""]
+        evaluated = [*sorted(folder.glob("table1/*.png")), *sorted(folder.glob("latent/*.png"))]
+        for figure in [*sorted(folder.glob("*.png")), *evaluated]:
+            where = figure.relative_to(run_dir)
+            lines += [f"![{where}]({where})", "", f"*{_caption(figure)}* (`{where}`)", ""]
     path = run_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,6 +1,7 @@
 """The notebooks: their anatomy, and every one of them run end to end by the course runner (smoke profile)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,12 @@ def test_course_runs_every_notebook_in_the_smoke_profile(tmp_path):
     assert all(p.stem in summary for p in NOTEBOOKS) and "![" in summary
     assert "| real (held out) |" in summary  # notebook 04's Table 1
     assert "augmentation.json" in summary and "lesions.json" in summary  # the numbers of 05 and 06
+    assert summary.count("The paper's Table 1") == 1 and summary.index("**Table 1**") < summary.index("latent/table")
+    assert "e+" not in summary and "0.48750001" not in summary
+    for image in re.findall(r"!\[([^\]]+)\]\(([^)]+)\)", summary):  # each image named by its own path, captioned
+        assert image[0] == image[1] and (tmp_path / image[1]).exists()
+    captions = [line for line in summary.splitlines() if line.startswith("*") and line.endswith("`)")]
+    assert len(captions) == summary.count("![")
     assert not list(ROOT.glob("notebooks/runs")), "notebooks must write under run_dir only"
 
 
