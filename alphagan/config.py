@@ -223,7 +223,7 @@ def device_banner(profile: str, cfg: Config, notebook: str | None = None) -> str
         f"{where}: profile {profile}, {cfg.model}, {cfg.size}³ volumes, width {cfg.width}, latent {cfg.latent}, "
         f"batch {cfg.batch}, {cfg.iters} iterations"
     )
-    minutes = COURSE[profile].get("minutes", {}).get(notebook) if notebook else None
+    minutes = course_settings(profile).minutes.get(notebook) if notebook else None
     if minutes is None:
         return line
     took = "under a minute" if minutes < 1 else f"{minutes:.1f} minutes"

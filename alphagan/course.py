@@ -76,9 +76,9 @@ def _caption(figure: Path) -> str:
 
 
 def _number(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
-    return str(value)
+    from alphagan.evaluate import plain
+
+    return plain(value) if isinstance(value, float) else str(value)
 
 
 def _numbers(path: Path) -> list[str]:
@@ -136,7 +136,7 @@ def run_course(
     """Run the notebooks; 0 when all ran, 1 with a message naming the notebook and cell otherwise."""
     import papermill
 
-    from alphagan.config import COURSE, default_profile
+    from alphagan.config import course_settings, default_profile
 
     profile = profile or default_profile()
     selected = notebooks(only, notebook_dir)  # checked before anything is created
@@ -148,7 +148,7 @@ def run_course(
     timings: list[tuple[str, float]] = []
     for i, notebook in enumerate(selected, 1):
         executed = run_dir / notebook.name
-        measured = COURSE[profile].get("minutes", {}).get(notebook.name[:2])
+        measured = course_settings(profile).minutes.get(notebook.name[:2])
         took = f" (took {measured} min on the course map's machine)" if measured else ""
         print(f"[{i}/{len(selected)}] {notebook.name}{took}", flush=True)
         start = time.perf_counter()

@@ -213,11 +213,13 @@ def conclusions(results: dict) -> list[str]:
     return lines
 
 
-def _mean_sd(mean: float, sd: float) -> str:
+def plain(value: float) -> str:
     """Plain digits, never scientific notation: whole numbers from 100 up, three significant digits below."""
-    if abs(mean) >= 100:
-        return f"{mean:.0f} ± {sd:.0f}"
-    return f"{mean:.3g} ± {sd:.2g}"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    return f"{plain(mean)} ± {sd:.0f}" if abs(mean) >= 100 else f"{plain(mean)} ± {sd:.2g}"
 
 
 def markdown_table(results: dict) -> str:

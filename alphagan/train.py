@@ -127,10 +127,11 @@ class FiniteWatch:
         snapshot.copy_(torch.where(fresh, values, snapshot))
         self.count += 1
 
-    def check(self, last_checkpoint: Path | None) -> None:
+    def check(self, ckpt_dir: Path) -> None:
         first = int(self.first)
         if first < 0:
             return
+        last_checkpoint = latest_checkpoint(ckpt_dir)
         bad = [
             f"{k} = {v}"
             for keys, values in self.snapshots.values()
@@ -373,7 +374,6 @@ def train(
         start = _restore(state, cfg, nets, opts, cohort, device, rank, path)
     log_path = out / "metrics.jsonl"
     if master:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "data": data, "fov_mm": fov_mm}, indent=2))
         if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["iter"] <= start]
@@ -398,7 +398,7 @@ def train(
     fixed_x = cohort.first(cfg.n_fixed)
 
     def checkpoint(it: int) -> None:
-        watch.check(latest_checkpoint(ckpt_dir))
+        watch.check(ckpt_dir)
         rng_state = _rng_state(cohort, device)
         rng_states = [rng_state]
         if distributed:  # every rank's streams, so a resumed multi-GPU run continues each of them
@@ -423,7 +423,7 @@ def train(
             save_checkpoint(ckpt_dir, it, state, keep=cfg.keep_ckpts)
 
     def log(done: int, terms: Terms, since: tuple[float, int]) -> None:
-        watch.check(latest_checkpoint(ckpt_dir))
+        watch.check(ckpt_dir)
         values = torch.stack([t.detach().float() for t in terms.values()]).tolist()  # one sync
         record = {"iter": done, **{k: round(v, 6) for k, v in zip(terms, values)}}
         record["it_per_s"] = round((done - since[1]) / (time.perf_counter() - since[0]), 4)

@@ -19,6 +19,8 @@ report is rewritten after each section, so a check stopped at its limit still le
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -134,11 +136,8 @@ def section_grid(args: argparse.Namespace) -> str:
         authors = 1.0 / (1.0 / fp32["it_per_s"] + data_s)
         rows.append(({**first, "precision": "fp32", "recipe": "authors'"}, {**fp32, "it_per_s": authors}))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    header = f"{device}; latent {s['latent'] if args.dry_run else 1000}; "
+    header = f"{device}; latent 1000 (run_variant's); "
     header += f"{s['iters']} timed iterations after {s['warmup']} (a quarter of them for 128³ and batch 16)\n\n"
-    import contextlib
-    import io
-
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         print_table(rows, first)

@@ -9,15 +9,13 @@ background stays exactly -1 and the generator is not asked to learn a random bac
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
-import json
 import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +123,7 @@ def synthetic_cache(
 ) -> Path:
     """The cache folder of a synthetic cohort, made once (in parallel processes) and reused by every later call
     with the same settings. It has the layout of a `prepare` cache, so `load_cache` reads it."""
-    from alphagan.data.prepare import Settings
+    from alphagan.data.prepare import Entry, Settings, write_cache_tables
     from alphagan.progress import tqdm
 
     folder = cache_root() / f"synth-{kind}-{contrast}-{size}-n{n}-seed{seed}-{_synthesis_version()}"
@@ -157,14 +155,10 @@ def synthetic_cache(
             pool.shutdown()
         volumes.flush()
         del volumes
-        with open(tmp / "manifest.tsv", "w", newline="") as f:
-            writer = csv.writer(f, delimiter="\t")
-            writer.writerow(["source", "subject", "channel", "shape", "spacing", "sha256", "fov_mm"])
-            for i, fov_mm in enumerate(fovs):
-                writer.writerow([f"synth:{kind}:{contrast}:seed{seed}", f"sub-{i:05d}", -1, "", "", "", fov_mm])
-        (tmp / "rejected.tsv").write_text("source\treason\n")
-        settings = {**Settings(size=size).__dict__, "synthetic": dict(kind=kind, contrast=contrast, seed=seed, n=n)}
-        (tmp / "settings.json").write_text(json.dumps(settings, indent=2))
+        source = f"synth:{kind}:{contrast}:seed{seed}"
+        entries = [Entry(source, f"sub-{i:05d}", -1, fov_mm=fov_mm) for i, fov_mm in enumerate(fovs)]
+        settings = {**asdict(Settings(size=size)), "synthetic": dict(kind=kind, contrast=contrast, seed=seed, n=n)}
+        write_cache_tables(tmp, settings, entries, [])
         os.replace(tmp, folder)
     except OSError:
         if (folder / "settings.json").exists():  # another process finished the same cohort first
@@ -176,13 +170,18 @@ def synthetic_cache(
     return folder
 
 
+def _median_fov(manifest: list[dict]) -> float:
+    """The field of view (cube edge, mm) given to the volumes of a cache: the median of its rows'."""
+    return float(np.median([float(row["fov_mm"]) for row in manifest]))
+
+
 def synthetic_volumes(
     n: int, size: int, seed: int = 0, kind: str = "normal", contrast: str = "t1", progress: bool = False
 ) -> tuple[np.ndarray, float]:
     """A synthetic cohort as `prepare` would make it: (n, size, size, size) memory-mapped volumes from the
     cohort cache, and their median field of view (the cube's edge) in mm."""
     volumes, manifest, _ = load_cache(synthetic_cache(n, size, seed, kind, contrast, progress=progress))
-    return volumes, float(np.median([float(row["fov_mm"]) for row in manifest]))
+    return volumes, _median_fov(manifest)
 
 
 def load_training_volumes(
@@ -199,7 +198,7 @@ def load_training_volumes(
             f"{source.cache}: the cache holds {settings['size']}^3 volumes but the run asks for {size}^3; "
             f"prepare it again with --size {size} or pass --size {settings['size']}"
         )
-    return volumes, float(np.median([float(row["fov_mm"]) for row in manifest]))
+    return volumes, _median_fov(manifest)
 
 
 # ------------------------------------------------------------------------------------------------ batches

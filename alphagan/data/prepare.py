@@ -443,6 +443,11 @@ def _write_cache_files(
         volumes[i] = scratch[row]
     volumes.flush()
     del volumes
+    write_cache_tables(folder, asdict(settings), entries, rejected)
+
+
+def write_cache_tables(folder: Path, settings: dict, entries: list[Entry], rejected: list[tuple[str, str]]) -> None:
+    """A cache's manifest (one row per volume of volumes.npy), rejected.tsv and settings.json."""
     with open(folder / "manifest.tsv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(Entry.__dataclass_fields__), delimiter="\t")
         writer.writeheader()
@@ -452,7 +457,7 @@ def _write_cache_files(
         writer = csv.writer(f, delimiter="\t")
         writer.writerow(["source", "reason"])
         writer.writerows(rejected)
-    (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    (folder / "settings.json").write_text(json.dumps(settings, indent=2))
 
 
 def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:
