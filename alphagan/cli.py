@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"train: {source.cache} holds {overrides['size']}³ volumes; training at that size", file=sys.stderr)
     cfg = make_config(args.profile or default_profile(), args.model, **overrides)
     try:
-        result = train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
+        result = train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, init=args.init)
     except TrainingDiverged as exc:
         print(f"alphagan train: {exc}", file=sys.stderr)
         return 2
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
+    p.add_argument(
+        "--init", default=None, help="start the networks from this checkpoint's weights (a ckpt_*.pt file or a folder)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate volumes from a checkpoint")

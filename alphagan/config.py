@@ -119,22 +119,27 @@ PROFILES: dict[str, dict[str, Any]] = {
         ckpt_every=2,
         n_fixed=2,
     ),
-    # A laptop or a CI-sized machine: blurry but brain-shaped samples within minutes (README, docs/).
+    # A laptop or a CI-sized machine: blurry but brain-shaped samples in about 7 minutes on 2 cores. At 300
+    # iterations the samples are still head-sized blobs (anatomy.brain_shape: overlap 0.84 against 0.89 for the
+    # least typical real brain); by 800-1000 they pass (0.91, 0.925).
     "cpu": dict(
         size=32,
         width=16,
         latent=1000,
         code_hidden=1024,
         batch=4,
-        iters=300,
+        iters=1000,
         n_subjects=128,
         log_every=10,
-        sample_every=50,
-        ckpt_every=100,
+        sample_every=100,
+        ckpt_every=500,
+        keep_ckpts=1,
     ),
     # One GPU: the paper's networks at 64^3, trained for as many iterations as let the whole course (11 models)
     # finish in under an hour on one H100 (README, "The course").
-    "gpu": dict(PAPER_NETWORKS, iters=GPU_ITERS, ckpt_every=1000),
+    # A course run keeps one checkpoint per model (1.4 GB each at the paper's size); long runs keep three, so that
+    # a damaged last checkpoint still leaves one to resume from.
+    "gpu": dict(PAPER_NETWORKS, iters=GPU_ITERS, ckpt_every=1000, keep_ckpts=1),
     # The paper's full schedule: 100 000 iterations.
     "paper": dict(PAPER_NETWORKS, iters=100_000, ckpt_every=2000),
 }
@@ -142,16 +147,18 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Course:
-    """What the notebooks do at a profile besides one training run's `Config`: cohort and evaluation sizes, the
-    iterations of the models that notebooks 04-06 train, and the minutes each notebook took when last measured
-    on the machine named in the README's course map (absent: not measured for this profile)."""
+    """What the notebooks do at a profile besides one training run's `Config`: cohort and evaluation sizes, which
+    models notebooks 04-06 train and for how long, whether they start from notebook 03's weights, and the minutes
+    each notebook took when last measured on the machine named in the README's course map (absent: not measured
+    for this profile)."""
 
     data_subjects: int  # 01: subjects written as NIfTI and prepared
-    eval_iters: int | None  # 04: iterations per model (None: the profile's)
-    eval_subjects: int | None  # 04: training cohort (None: the profile's)
+    eval_models: tuple[str, ...]  # 04: the models of Table 1 (the alpha-WGAN-GP is notebook 03's)
+    latents: tuple[int, ...]  # 04: the latent sizes compared (empty: no comparison)
     n_eval: int  # 04: real and generated volumes per model
     pairs: int  # 04: random pairs for MS-SSIM
-    diseased_iters: int | None  # 05
+    diseased_cohorts: tuple[str, ...]  # 05: kind:contrast
+    diseased_iters: int | None  # 05 (None: the profile's)
     diseased_subjects: int | None  # 05
     diseased_eval: int  # 05: real and generated volumes compared per cohort
     aug_real: int  # 06: real training subjects per class
@@ -159,29 +166,36 @@ class Course:
     aug_test: int  # 06: held-out real test subjects per class
     aug_iters: int | None  # 06: generator training
     aug_seeds: int  # 06: classifier seeds
-    minutes: dict[str, float] = dataclasses.field(default_factory=dict)  # "03": 3.6, ...
+    # 05 and 06 start from notebook 03's weights (fine-tuning) instead of at random: on a CPU a generator needs
+    # about 1 000 iterations (7 minutes) to make brain-shaped volumes from scratch, a few hundred from 03's.
+    warm_start: bool
+    minutes: dict[str, float] = dataclasses.field(default_factory=dict)  # "03": 9.2, ...
 
 
+COHORTS = ("tumor:flair", "tumor:t2", "stroke:t1")
 COURSE: dict[str, dict[str, Any]] = {
     "smoke": dict(
-        data_subjects=12, eval_iters=4, eval_subjects=12, n_eval=16, pairs=40, diseased_iters=4, diseased_subjects=12,
-        diseased_eval=8, aug_real=4, aug_generated=8, aug_test=8, aug_iters=4, aug_seeds=2,
+        data_subjects=12, eval_models=MODELS, latents=(8, 16), n_eval=16, pairs=40, diseased_cohorts=COHORTS,
+        diseased_iters=4, diseased_subjects=12, diseased_eval=8, aug_real=4, aug_generated=8, aug_test=8, aug_iters=4,
+        aug_seeds=2, warm_start=True,
     ),
+    # Only models that learn a brain shape in minutes on 2 cores: notebook 03's alpha-WGAN-GP (1 000 iterations),
+    # fine-tuned for 05 and 06. Table 1's other models and the latent sizes need as long each: the gpu profile.
     "cpu": dict(
-        data_subjects=128, eval_iters=60, eval_subjects=64, n_eval=48, pairs=200, diseased_iters=60,
-        diseased_subjects=64, diseased_eval=24, aug_real=8, aug_generated=32, aug_test=40, aug_iters=60, aug_seeds=3,
-        minutes={"01": 0.4, "02": 0.1, "03": 3.6, "04": 3.8, "05": 2.4, "06": 1.5},
+        data_subjects=128, eval_models=("alpha-wgan-gp",), latents=(), n_eval=48, pairs=200,
+        diseased_cohorts=("tumor:flair",), diseased_iters=200, diseased_subjects=64, diseased_eval=24, aug_real=8,
+        aug_generated=32, aug_test=40, aug_iters=200, aug_seeds=3, warm_start=True,
+        minutes={"01": 0.8, "02": 0.1, "03": 9.2, "04": 0.6, "05": 2.5, "06": 4.2},
     ),
-    # 04 trains the four models at the profile's settings, so it reuses notebook 03's alpha-WGAN-GP.
     "gpu": dict(
-        data_subjects=64, eval_iters=None, eval_subjects=None, n_eval=256, pairs=1000, diseased_iters=None,
-        diseased_subjects=256, diseased_eval=128, aug_real=32, aug_generated=128, aug_test=200, aug_iters=None,
-        aug_seeds=5,
+        data_subjects=64, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=256, pairs=1000,
+        diseased_cohorts=COHORTS, diseased_iters=None, diseased_subjects=256, diseased_eval=128, aug_real=32,
+        aug_generated=128, aug_test=200, aug_iters=None, aug_seeds=5, warm_start=False,
     ),
     "paper": dict(
-        data_subjects=64, eval_iters=None, eval_subjects=None, n_eval=512, pairs=1000, diseased_iters=None,
-        diseased_subjects=None, diseased_eval=256, aug_real=32, aug_generated=128, aug_test=200, aug_iters=None,
-        aug_seeds=5,
+        data_subjects=64, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=512, pairs=1000,
+        diseased_cohorts=COHORTS, diseased_iters=None, diseased_subjects=None, diseased_eval=256, aug_real=32,
+        aug_generated=128, aug_test=200, aug_iters=None, aug_seeds=5, warm_start=False,
     ),
 }  # fmt: skip
 

@@ -13,9 +13,26 @@ import sys
 import time
 from pathlib import Path
 
-from alphagan.progress import TEXT_PROGRESS
+from alphagan.progress import SAVED_RUN
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def notebook_03_run(run_dir: str | Path) -> Path:
+    """Notebook 03's training run, seen from the `run_dir` of a later notebook of the same course run (the course
+    runner gives every notebook a folder of one run folder; run alone, the notebooks default to runs/NN_name)."""
+    return Path(run_dir).parent / "03_training" / "run"
+
+
+def notebook_03_model(run_dir: str | Path) -> Path:
+    """The checkpoint folder of notebook 03's model, which notebooks 05 and 06 start from at the `cpu` profile."""
+    folder = notebook_03_run(run_dir) / "checkpoints"
+    if not any(folder.glob("ckpt_*.pt")):
+        raise FileNotFoundError(
+            f"{folder}: no checkpoint of notebook 03; run notebook 03 first, or set warm_start = False (then raise "
+            f"iters: from random weights a model needs about 1000 iterations to make brain-shaped volumes at 32³)"
+        )
+    return folder
 
 
 def notebooks(only: str | None = None, directory: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -54,25 +71,38 @@ def _failed_cell(executed: Path) -> str:
 
 
 # What a figure shows, by file name (stem, or its start for one figure per cohort).
+# Keyed by the figure's path in a notebook's folder, without ".png"; "views-KIND-CONTRAST" and the like match
+# their prefix, and the rest is added in brackets.
 CAPTIONS = {
-    "cohort": "the synthetic cohort: youngest and oldest subjects",
-    "codes": "codes of an untrained encoder against N(0, I)",
-    "loss_curves": "every loss term through training",
-    "samples": "samples from random codes, generator with recalibrated statistics",
+    "01_data/cohort_factors": "the synthetic cohort's ages, and brain, ventricle and grey-matter volumes against age",
+    "01_data/young_old": "the three youngest and the three oldest subjects",
+    "01_data/lesion": "a synthetic lesion, cut through its centre",
+    "01_data/preprocessing_steps": "one subject through the preprocessing: RAS, trimmed, padded and resized, stretched",
+    "01_data/augmentation": "one training volume and five augmented draws of it (flip, intensity)",
+    "01_data/prepared": "prepared training volumes in three planes",
+    "02_architecture/checkerboard": "transposed convolution against resize-convolution on the same input",
+    "02_architecture/codes": "codes of an untrained encoder against N(0, I)",
+    "02_architecture/untrained_sample": "an untrained generator's output",
+    "03_training/loss_curves": "every loss term through training",
+    "03_training/samples": "samples from random codes, generator with recalibrated statistics",
     "pca": "real and generated volumes on the first two principal components of the real set",
     "volumes": "tissue volumes, real against generated",
     "nearest": "generated volumes beside their nearest training volumes",
-    "views": "a real volume and generated ones, colour-mapped like the paper's Fig. 4",
-    "lesions": "lesion sizes and centres, real against generated",
-    "classes": "real and generated volumes of each class",
-    "augmentation": "held-out accuracy, real subjects only against real plus generated",
+    "05_diseased/views": "a real volume and generated ones, colour-mapped like the paper's Fig. 4",
+    "05_diseased/lesions": "lesion sizes and centres, real against generated",
+    "06_augmentation/classes": "real and generated volumes of each class",
+    "06_augmentation/augmentation": "held-out accuracy, real subjects only against real plus generated",
 }
 
 
-def _caption(figure: Path) -> str:
-    key = next((k for k in CAPTIONS if figure.stem == k or figure.stem.startswith(f"{k}-")), None)
-    detail = figure.stem.split("-", 1)[1] if key and "-" in figure.stem else ""
-    return (CAPTIONS[key] + (f" ({detail})" if detail else "")) if key else figure.stem.replace("_", " ")
+def _caption(figure: Path, notebook: str) -> str:
+    """The caption of `figure`, saved by `notebook` (its folder's name); evaluate's figures by their own name."""
+    for key in (f"{notebook}/{figure.stem}", figure.stem):
+        for known, caption in CAPTIONS.items():
+            if key == known or key.startswith(f"{known}-") or key.startswith(f"{known}_"):
+                detail = key[len(known) + 1 :].replace("_", " ").replace("-", " ")
+                return caption + (f" ({detail})" if detail else "")
+    return figure.stem.replace("_", " ")
 
 
 def _number(value) -> str:
@@ -121,7 +151,7 @@ def _summary(run_dir: Path, timings: list[tuple[str, float]], profile: str) -> P
         evaluated = [*sorted(folder.glob("table1/*.png")), *sorted(folder.glob("latent/*.png"))]
         for figure in [*sorted(folder.glob("*.png")), *evaluated]:
             where = figure.relative_to(run_dir)
-            lines += [f"![{where}]({where})", "", f"*{_caption(figure)}* (`{where}`)", ""]
+            lines += [f"![{where}]({where})", "", f"*{_caption(figure, folder.name)}* (`{where}`)", ""]
     path = run_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -143,7 +173,7 @@ def run_course(
     run_dir = Path(out) if out else Path("runs") / f"course-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
-    os.environ[TEXT_PROGRESS] = "1"  # the kernels inherit it: progress bars that are saved as they end
+    os.environ[SAVED_RUN] = "1"  # the kernels inherit it: text progress bars and static figures, saved as they end
     print(f"course: profile {profile}, {len(selected)} notebooks, run folder {run_dir}", flush=True)
     timings: list[tuple[str, float]] = []
     for i, notebook in enumerate(selected, 1):

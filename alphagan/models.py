@@ -6,6 +6,11 @@ nearest-neighbour upsampling followed by a 3^3 convolution ("resize-convolution"
 checkerboard of transposed convolutions. Other sizes add or remove one block per factor of two, so that the
 trunk always ends at 4^3. With latent 1000 and width 64 the parameter counts equal the authors' code.
 
+Three kinds of layer are computed in a faster form that gives the same result with the same weights (tests
+compare each with the plain PyTorch layers): the 4^3 heads of D and E and the generator's first layer are
+matrix products (`HeadConv3d`, `StemConvTranspose3d`), and resize-convolution never builds the upsampled
+volume (`ResizeConv3d`).
+
 Initialisation (DCGAN's, as is usual for these models): convolution and linear weights N(0, 0.02), biases 0,
 BatchNorm weights N(1, 0.02) and biases 0.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,6 +43,60 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+class HeadConv3d(nn.Conv3d):
+    """A k^3 convolution over a k^3 input (the heads of D and E, k = 4): one output position, so it is the matrix
+    product it amounts to. Same weights and result as `nn.Conv3d(c_in, c_out, k)`; oneDNN and cuDNN run the
+    general convolution on this shape about three times slower (bench/layers.py)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int):
+        super().__init__(in_channels, out_channels, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2:] != self.kernel_size:
+            raise ValueError(f"HeadConv3d needs a {self.kernel_size} input, got {tuple(x.shape[2:])}")
+        return F.linear(x.reshape(x.shape[0], -1), self.weight.flatten(1), self.bias).view(x.shape[0], -1, 1, 1, 1)
+
+
+class StemConvTranspose3d(nn.ConvTranspose3d):
+    """The generator's first layer, a bias-free k^3 transposed convolution of a 1^3 code: a matrix product too
+    (see `HeadConv3d`). Same weights and result as `nn.ConvTranspose3d(latent, c_out, k, bias=False)`."""
+
+    def __init__(self, latent: int, out_channels: int, kernel: int):
+        super().__init__(latent, out_channels, kernel, bias=False)
+
+    def forward(self, z: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if z.shape[2:] != (1, 1, 1) or output_size is not None:
+            raise ValueError(f"StemConvTranspose3d needs a 1^3 input, got {tuple(z.shape[2:])}")
+        out = z.reshape(z.shape[0], -1) @ self.weight.flatten(1)
+        return out.view(z.shape[0], self.out_channels, *self.kernel_size)
+
+
+# Nearest x2 upsampling followed by a 3-tap filter, along one axis: for an even output voxel 2i the filter's taps
+# fall on input voxels i-1, i, i; for an odd one, 2i+1, on i, i, i+1. Indexed [phase, input offset + 1, tap].
+_PHASE_TAPS = torch.tensor([[[1, 0, 0], [0, 1, 1], [0, 0, 0]], [[0, 0, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.float32)
+
+
+class ResizeConv3d(nn.Conv3d):
+    """Nearest-neighbour x2 upsampling, then a bias-free 3^3 convolution with padding 1 ("resize-convolution"),
+    computed without building the upsampled volume: each of the 8 output phases (even or odd along each axis) is
+    a 3^3 convolution of the input whose taps are summed as `_PHASE_TAPS` says; the 8 run as one convolution
+    with 8x the output channels and are interleaved ("sub-pixel"). Same weights and result as
+    `nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv3d(c_in, c_out, 3, 1, 1, bias=False))`, which is how
+    docs/method.md writes it; on a CPU the generator's last layer (one output channel) runs 8x faster this way
+    (bench/layers.py)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = _PHASE_TAPS.to(self.weight)
+        phases = torch.einsum("apu,bqv,crw,oiuvw->oabcipqr", taps, taps, taps, self.weight)
+        y = F.conv3d(x, phases.reshape(8 * self.out_channels, self.in_channels, 3, 3, 3), padding=1)
+        b, _, d, h, w = y.shape
+        y = y.view(b, self.out_channels, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return y.reshape(b, self.out_channels, 2 * d, 2 * h, 2 * w)
+
+
 def _trunk(size: int, width: int) -> tuple[nn.Sequential, int]:
     """Strided 4^3 convolutions from (1, S^3) down to (C, 4^3); BatchNorm on all but the first."""
     layers: list[nn.Module] = [nn.Conv3d(1, width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
@@ -57,7 +117,7 @@ class Discriminator(nn.Module):
     def __init__(self, size: int = 64, width: int = 64):
         super().__init__()
         self.trunk, channels = _trunk(size, width)
-        self.head = nn.Conv3d(channels, 1, 4, 1, 0)
+        self.head = HeadConv3d(channels, 1, 4)
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +130,7 @@ class Encoder(nn.Module):
     def __init__(self, size: int = 64, width: int = 64, latent: int = 1000):
         super().__init__()
         self.trunk, channels = _trunk(size, width)
-        self.head = nn.Conv3d(channels, latent, 4, 1, 0)
+        self.head = HeadConv3d(channels, latent, 4)
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,8 +143,8 @@ class VariationalEncoder(nn.Module):
     def __init__(self, size: int = 64, width: int = 64, latent: int = 1000):
         super().__init__()
         self.trunk, channels = _trunk(size, width)
-        self.mean = nn.Conv3d(channels, latent, 4, 1, 0)
-        self.logvar = nn.Conv3d(channels, latent, 4, 1, 0)
+        self.mean = HeadConv3d(channels, latent, 4)
+        self.logvar = HeadConv3d(channels, latent, 4)
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,19 +165,14 @@ class Generator(nn.Module):
         levels = _levels(size)
         channels = width * 2 ** (levels - 1)
         layers: list[nn.Module] = [
-            nn.ConvTranspose3d(latent, channels, 4, 1, 0, bias=False),
+            StemConvTranspose3d(latent, channels, 4),
             nn.BatchNorm3d(channels),
             nn.ReLU(inplace=True),
         ]
         for _ in range(levels - 1):
-            layers += [
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv3d(channels, channels // 2, 3, 1, 1, bias=False),
-                nn.BatchNorm3d(channels // 2),
-                nn.ReLU(inplace=True),
-            ]
+            layers += [ResizeConv3d(channels, channels // 2), nn.BatchNorm3d(channels // 2), nn.ReLU(inplace=True)]
             channels //= 2
-        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(channels, 1, 3, 1, 1, bias=False), nn.Tanh()]
+        layers += [ResizeConv3d(channels, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.latent = latent
         self.apply(init_weights)

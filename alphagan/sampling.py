@@ -53,6 +53,18 @@ def calibrated_generator(
     return recalibrate_batchnorm(copy.deepcopy(generator), latent, batch, batches, seed)
 
 
+@torch.no_grad()
+def reconstruct(encoder: nn.Module, generator: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """G(E(x)) for a batch of real volumes x, (B, 1, S, S, S): E in eval mode (the VAE-GAN's posterior mean), G as
+    a throw-away copy in train mode. The encoder's codes are not N(0, I) early in training, so the statistics
+    calibrated for samples do not fit them; G's batch statistics do. Neither network is changed."""
+    was_training = encoder.training
+    code = encoder.eval()(x)
+    encoder.train(was_training)
+    code = code[0] if isinstance(code, tuple) else code
+    return copy.deepcopy(generator).train()(code)
+
+
 def load_generator(
     checkpoint: str | Path, device: str = "cpu", seed: int | None = None
 ) -> tuple[nn.Module, Config, dict]:

@@ -22,7 +22,6 @@ hold identical networks and the saved statistics have seen every process's data.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -42,7 +41,7 @@ from alphagan.config import Config
 from alphagan.data.dataset import Cohort, Source, load_training_volumes
 from alphagan.losses import Terms
 from alphagan.models import build_networks
-from alphagan.sampling import calibrated_generator, generate, save_nifti
+from alphagan.sampling import calibrated_generator, generate, reconstruct, save_nifti
 from alphagan.steps import UPDATES, Inputs, Update, draw, optimisers, set_trainable
 
 # Settings that must not change when a run is resumed (iterations, logging and device may).
@@ -225,15 +224,9 @@ def _progress_picture(nets, cfg: Config, fixed_z, fixed_x, device, out: Path, it
     G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
     with torch.no_grad():
         groups = {"samples": list(G(fixed_z.to(device)).float().cpu())}
-        if "E" in nets:
-            nets["E"].eval()
-            code = nets["E"](fixed_x.to(device))
-            code = code[0] if isinstance(code, tuple) else code  # VAE-GAN: the posterior mean
-            nets["E"].train()
-            # Reconstructions use batch statistics (a throw-away copy in train mode): the encoder's codes
-            # are not N(0, I) early in training, so the statistics calibrated for samples do not fit them.
-            groups["real"] = list(fixed_x)
-            groups["reconstructions"] = list(copy.deepcopy(nets["G"]).train()(code).float().cpu())
+    if "E" in nets:
+        groups["real"] = list(fixed_x)
+        groups["reconstructions"] = list(reconstruct(nets["E"], nets["G"], fixed_x.to(device)).float().cpu())
     fig = three_plane_grid(groups, title=f"{cfg.model}, iteration {it}")
     (out / "samples").mkdir(exist_ok=True)
     fig.savefig(out / "samples" / f"iter_{it:06d}.png", dpi=80)
@@ -271,6 +264,41 @@ def _claim_run_folder(out: Path, data: str, resume: bool, overwrite: bool) -> No
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+NETWORK_DEFINING = ("model", "size", "width", "latent", "code_hidden")
+
+
+def _started_from(run: Path) -> str | None:
+    """The checkpoint a run's networks started from (`train(init=...)`), as its config.json records it."""
+    config = run / "config.json"
+    return json.loads(config.read_text()).get("init") if config.exists() else None
+
+
+def _start_from(init: str | Path, cfg: Config, nets) -> Path:
+    """Load the network weights of checkpoint `init` (a file or a folder: its newest) into `nets`; returns the
+    checkpoint's path. Its networks must have the shapes of `cfg`'s."""
+    path = _checkpoint_file(init)
+    state = load_checkpoint(path)
+    saved = Config.from_dict(state["config"])
+    changed = [
+        f"{k} {getattr(saved, k)} != {getattr(cfg, k)}"
+        for k in NETWORK_DEFINING
+        if getattr(saved, k) != getattr(cfg, k)
+    ]
+    if changed:
+        raise ValueError(f"{path}: its networks differ from this run's ({', '.join(changed)}); cannot start from it")
+    for k, net in nets.items():
+        net.load_state_dict(state["nets"][k])
+    return path
+
+
+def _checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file as an absolute path; a folder stands for its newest checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        path = latest_checkpoint(path) or path  # a folder without checkpoints is named by load_checkpoint
+    return path.resolve()
+
+
 def _restore(state: dict, cfg: Config, nets, optimisers_, cohort: Cohort, device, rank: int, path: Path) -> int:
     """Load a checkpoint's networks, optimisers and random states; returns its iteration."""
     saved = Config.from_dict(state["config"])
@@ -306,12 +334,14 @@ def train(
     progress: bool = True,
     after_iteration: Callable[[int], None] | None = None,
     overwrite: bool = False,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Train `cfg.model` on `data` (a cache folder or `synth[:kind[:contrast]]`), writing everything to `out`.
 
     `out` must not hold a run already, unless `resume` continues it or `overwrite` deletes it first (only the run's
-    own files). `after_iteration(done)` is called after every iteration (a profiler's `step`, a notebook's own
-    display)."""
+    own files). `init` (a checkpoint file or a run's checkpoint folder) starts the networks from its weights
+    instead of at random (fine-tuning; the optimisers and the iteration start afresh). `after_iteration(done)` is
+    called after every iteration (a profiler's `step`, a notebook's own display)."""
     from alphagan.progress import tqdm
     from alphagan.viz import use_headless_backend
 
@@ -352,8 +382,9 @@ def train(
     for net in nets.values():
         net.to(device, memory_format=memory_format)
     updates = UPDATES[cfg.model]
-    adam = dict(fused=True, capturable=graphs) if device.type == "cuda" else {}
-    opts = optimisers(nets, updates, cfg, **adam)
+    # Fused Adam: one pass over each parameter instead of one per arithmetic step; on a CPU the latent-sized
+    # layers (millions of weights, a few multiply-adds each) otherwise spend more time in Adam than in the model.
+    opts = optimisers(nets, updates, cfg, fused=True, capturable=graphs)
     scalers = {u.name: torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16) for u in updates}
     # `train_nets` are called where a network learns (wrapped for DDP / compile); `nets` are the plain modules
     # used frozen or under no_grad, so DDP only ever waits for gradients of the network being updated.
@@ -372,9 +403,14 @@ def train(
     if resume:
         path, state = load_latest(ckpt_dir, map_location=device)
         start = _restore(state, cfg, nets, opts, cohort, device, rank, path)
+    elif init is not None:
+        init = _start_from(init, cfg, nets)
     log_path = out / "metrics.jsonl"
     if master:
-        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "data": data, "fov_mm": fov_mm}, indent=2))
+        config = out / "config.json"
+        started = str(init) if init is not None else _started_from(out) if resume else None
+        settings = {**cfg.to_dict(), "data": data, "fov_mm": fov_mm, **({"init": started} if started else {})}
+        config.write_text(json.dumps(settings, indent=2))
         if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["iter"] <= start]
             log_path.write_text("".join(line + "\n" for line in kept))
@@ -465,20 +501,27 @@ def train(
     return TrainResult(out, nets, cfg, fov_mm)
 
 
-def train_or_reuse(cfg: Config, data: str, out: str | Path, reuse: tuple[str | Path, ...] = ()) -> TrainResult:
-    """The run `cfg` on `data`, trained only when no finished one exists (notebooks 04-06 use it).
+def train_or_reuse(
+    cfg: Config, data: str, out: str | Path, reuse: tuple[str | Path, ...] = (), init: str | Path | None = None
+) -> TrainResult:
+    """The run `cfg` on `data` (from the weights of `init`, if given), trained only when no finished one exists
+    (notebooks 04-06 use it).
 
     A finished run is a folder, `out` or one of `reuse` (e.g. notebook 03's run), whose config.json names the same
-    data and which holds a checkpoint of iteration `cfg.iters` saved with the same run-defining settings. A run in
-    `out` that stopped earlier is resumed; otherwise `out` is trained from the start."""
+    data and starting checkpoint and which holds a checkpoint of iteration `cfg.iters` saved with the same
+    run-defining settings. A run in `out` that stopped earlier is resumed; otherwise `out` is trained from the
+    start."""
     from alphagan.checkpoint import checkpoint_path
 
     cfg = cfg.validate()
     source = str(Source.parse(data))
+    started = None if init is None else str(_checkpoint_file(init))
     for folder in (Path(out), *map(Path, reuse)):
         path = checkpoint_path(folder / "checkpoints", cfg.iters)
         config = folder / "config.json"
         if not (path.exists() and config.exists()) or json.loads(config.read_text()).get("data") != source:
+            continue
+        if _started_from(folder) != started:
             continue
         state = load_checkpoint(path)
         saved = Config.from_dict(state["config"])
@@ -490,5 +533,5 @@ def train_or_reuse(cfg: Config, data: str, out: str | Path, reuse: tuple[str | P
                 net.to(device)
             print(f"{cfg.model}: reusing the finished run in {folder} (iteration {cfg.iters})")
             return TrainResult(folder, nets, cfg, float(state["fov_mm"]))
-    resume = latest_checkpoint(Path(out) / "checkpoints") is not None
-    return train(cfg, data, out, resume=resume, overwrite=not resume)
+    resume = latest_checkpoint(Path(out) / "checkpoints") is not None and _started_from(Path(out)) == started
+    return train(cfg, data, out, resume=resume, overwrite=not resume, init=init)

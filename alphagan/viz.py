@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import matplotlib
 import numpy as np
 
+from alphagan.progress import saved_run
+
 PLANES = ("sagittal", "coronal", "axial")
 _AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -155,6 +157,34 @@ def loss_curves(records: Sequence[dict], keys: Sequence[str] | None = None, titl
     return fig
 
 
+def describe_curves(records: Sequence[dict]) -> list[str]:
+    """What a run's logged curves show, in sentences derived from them (notebook 03 prints them under the plot):
+    where the critic's distance estimate peaked and where it ended, how far the reconstruction error fell, and
+    the range of the gradient penalties. Averages over the last tenth of the log smooth the step-to-step noise."""
+    if not records:
+        raise ValueError("no logged records to describe")
+    tail = max(1, len(records) // 10)
+
+    def end(key: str) -> float:
+        return float(np.mean([r[key] for r in records[-tail:]]))
+
+    lines = []
+    if "w_dist" in records[0]:
+        peak = max(records, key=lambda r: r["w_dist"])
+        trend = "below" if end("w_dist") < 0.75 * peak["w_dist"] else "near"
+        lines.append(
+            f"w_dist peaked at {peak['w_dist']:.1f} (iteration {peak['iter']}) and ended {trend} its peak, at "
+            f"{end('w_dist'):.1f} (here and below, an end is the mean over the last tenth of the log)."
+        )
+    if "l1" in records[0]:
+        lines.append(f"l1 fell from {records[0]['l1']:.3f} to {end('l1'):.3f}.")
+    for key in ("gp_d", "gp_c"):
+        if key in records[0]:
+            values = [r[key] for r in records]
+            lines.append(f"{key} stayed between {min(values):.3f} and {max(values):.3f}; it ended at {end(key):.3f}.")
+    return lines
+
+
 def _png(image: np.ndarray, cmap: str, vmin: float, vmax: float, scale: int) -> bytes:
     """A slice as PNG bytes, each voxel drawn as a `scale` x `scale` square."""
     from matplotlib import colormaps
@@ -169,7 +199,10 @@ def _png(image: np.ndarray, cmap: str, vmin: float, vmax: float, scale: int) -> 
 
 
 def has_widget_frontend() -> bool:
-    """True inside a Jupyter kernel with ipywidgets installed (JupyterLab, Notebook, Colab)."""
+    """True inside a Jupyter kernel with ipywidgets installed (JupyterLab, Notebook, Colab), unless the run's
+    output is saved to be read later (the course runner, `alphagan.progress.saved_run`)."""
+    if saved_run():
+        return False
     try:
         import ipywidgets  # noqa: F401
         from IPython import get_ipython
@@ -190,10 +223,10 @@ def slice_viewer(
 ):
     """Several volumes side by side with a plane selector, a colour-map choice and a slice slider.
 
-    Returns an ipywidgets box in a Jupyter front end. With `interactive=False` (or no widget front end), it
-    returns a static three-plane figure per volume instead, so that papermill and plain scripts still show
-    something useful. The slider's picture is rendered to PNG in the kernel, so no front-end extension beyond
-    ipywidgets' own is needed (JupyterLab 4 and Colab ship it).
+    Returns an ipywidgets box in a Jupyter front end. With `interactive=False` (or no widget front end, or under
+    the course runner), it returns a static three-plane figure per volume instead, so that saved notebooks and
+    plain scripts still show something useful. The slider's picture is rendered to PNG in the kernel, so no
+    front-end extension beyond ipywidgets' own is needed (JupyterLab 4 and Colab ship it).
     """
     vols = [_as_array(v) for v in (volumes if isinstance(volumes, (list, tuple)) else [volumes])]
     names = list(names) if names is not None else [f"volume {i}" for i in range(len(vols))]

@@ -1,4 +1,4 @@
-"""The prepared GPU check: one command, about 8 minutes on one GPU, one Markdown report.
+"""The prepared GPU check: one command, about 9 minutes on one GPU, one Markdown report.
 
     python bench/gpu_check.py --out report.md                  # on a CUDA GPU
     python bench/gpu_check.py --dry-run --out /tmp/report.md   # anywhere: every section at toy sizes
@@ -6,6 +6,7 @@
 Each section runs in its own process under its own time limit, so a failure costs only its own minutes, and the
 report is rewritten after each section, so a check stopped at its limit still leaves what it measured:
   1. device: the GPU, PyTorch, native bf16, and the bf16 matrix-product rate (the card's practical ceiling);
+     layers: each layer the networks compute in a faster form, against the plain layer (bench/layers.py);
   2. cohort: the synthetic training cohort made in parallel processes, then found in its cache by a second call;
   3. grid: the training loop variant by variant (fp32, bf16, fp16, CUDA graphs, channels_last, compile, batch 16,
      128^3), the four models, the loop of an older commit (`--before DIR`, a copy of its `alphagan` package's
@@ -33,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SECTIONS = {  # name: seconds allowed on a GPU
     "device": 20,
+    "layers": 30,
     "cohort": 100,
     "grid": 230,
     "profile": 40,
@@ -75,6 +77,12 @@ def section_device(args: argparse.Namespace) -> str:
         f"- bf16 8192³ matrix product: {tflops:.0f} TFLOP/s (the ceiling the loop is compared with)",
     ]
     return "\n".join(lines)
+
+
+def section_layers(args: argparse.Namespace) -> str:
+    from layers import table
+
+    return table("smoke" if args.dry_run else "gpu")
 
 
 def section_cohort(args: argparse.Namespace) -> str:

@@ -2,6 +2,7 @@
 
     python bench/train_step.py                 # a CPU-sized grid (32^3 and 64^3 at width 16)
     python bench/train_step.py --grid gpu      # the paper's 64^3 / width 64 and 128^3, fp32 vs bf16, compile
+    python bench/train_step.py --before /tmp/old   # each variant also with an older checkout's package
 
 Every variant runs the real loop (`alphagan.train.train`) in its own process on a prepared cache, so peak memory
 is that variant's alone; the first `--warmup` iterations (cuDNN autotuning, compilation) are not timed.
@@ -21,11 +22,11 @@ import time
 from pathlib import Path
 
 GRIDS = {
-    "cpu": [
-        dict(size=32, width=16, batch=4),
-        dict(size=32, width=16, batch=4, channels_last=True),
-        dict(size=64, width=16, batch=4),
-        dict(size=32, width=16, batch=4, compile=True),
+    "cpu": [  # the cpu profile's networks (code discriminator 1024 wide), then variants
+        dict(size=32, width=16, batch=4, code_hidden=1024),
+        dict(size=32, width=16, batch=4, code_hidden=1024, channels_last=True),
+        dict(size=64, width=16, batch=4, code_hidden=1024),
+        dict(size=32, width=16, batch=4, code_hidden=1024, compile=True),
     ],
     "gpu": [
         dict(size=64, width=64, batch=4, precision="bf16"),
@@ -66,7 +67,12 @@ print(json.dumps({{"it_per_s": timed[-1]["it_per_s"], "peak_gb": peak}}))
     if pythonpath:  # first on the path, so that its `alphagan` is the one imported
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
     try:
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+        # Run outside the repository: `python -c` puts the working directory first on sys.path, ahead of
+        # PYTHONPATH, so from the repository root `--before` would silently import this checkout's package.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if run.returncode != 0:
@@ -93,6 +99,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--subjects", type=int, default=16)
+    parser.add_argument(
+        "--before", default=None, help="a folder holding an older checkout's `alphagan`: each variant runs with it too"
+    )
     args = parser.parse_args()
 
     import torch
@@ -110,11 +119,15 @@ def main() -> None:
             raw[size] = make_cohort(tmp / f"raw{size}", args.subjects, size=min(2 * size, 128), progress=False)
             caches[size] = prepare(str(raw[size]), tmp / f"cache{size}", size=size, progress=False).out
         for i, variant in enumerate(GRIDS[args.grid]):
-            result = run_variant(caches[variant["size"]], variant, args.iters, args.warmup, tmp / f"run{i}")
+            cache = caches[variant["size"]]
+            if args.before:  # the older loop first, then this one, for the same variant: side by side, same load
+                old = run_variant(cache, variant, args.iters, args.warmup, tmp / f"old{i}", args.before)
+                rows.append(({**variant, "recipe": "before"}, old))
+            result = run_variant(cache, variant, args.iters, args.warmup, tmp / f"run{i}")
             rows.append((variant, result))
         # The authors' recipe: the loop in fp32, and three batches (2 E+G steps, 1 D step) loaded from NIfTI.
         first = GRIDS[args.grid][0]
-        base = dict(size=first["size"], width=first["width"], batch=4, precision="fp32", cuda_graphs=False)
+        base = dict(first, precision="fp32", cuda_graphs=False, channels_last=False, compile=False)
         loop = run_variant(caches[base["size"]], base, args.iters, args.warmup, tmp / "authors")
         data_s = 3 * nifti_batch_seconds(raw[base["size"]], base["size"], base["batch"])
         if "it_per_s" in loop:
@@ -141,7 +154,7 @@ def print_table(rows: list[tuple[dict, dict]], base: dict) -> None:
             v.get("precision", "auto"),
             v.get("channels_last", False),
             v.get("compile", False),
-            v.get("cuda_graphs", True) and not v.get("recipe"),
+            v.get("cuda_graphs", True) and v.get("recipe") != "authors'",
             v.get("recipe", "ours"),
         ]
         if "error" in r:

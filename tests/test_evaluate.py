@@ -100,12 +100,13 @@ def test_conclusions_follow_the_numbers():
     from alphagan.classifier import AugmentationResult
     from alphagan.evaluate import conclusions
 
+    shaped = {"brain_overlap": 0.93, "brain_shaped": True}
     results = {
-        "real": {"ms_ssim": 0.85},
+        "real": {"ms_ssim": 0.85, "brain_overlap_lowest": 0.89},
         "models": {
-            "a": {"mmd": 10.0, "mmd_gaussian": 0.5, "ms_ssim": 0.95, "memorisation": {"nn_ratio": 0.8}},
-            "b": {"mmd": 20.0, "mmd_gaussian": 0.1, "ms_ssim": 0.60},
-            "c": {"mmd": 30.0, "mmd_gaussian": 0.9, "ms_ssim": 0.86, "memorisation": {"nn_ratio": 1.3}},
+            "a": {"mmd": 10.0, "mmd_gaussian": 0.5, "ms_ssim": 0.95, "memorisation": {"nn_ratio": 0.8}, **shaped},
+            "b": {"mmd": 20.0, "mmd_gaussian": 0.1, "ms_ssim": 0.60, **shaped},
+            "c": {"mmd": 30.0, "mmd_gaussian": 0.9, "ms_ssim": 0.86, "memorisation": {"nn_ratio": 1.3}, **shaped},
         },
     }
     lines = conclusions(results)
@@ -113,6 +114,15 @@ def test_conclusions_follow_the_numbers():
     assert "more alike than real pairs" in lines[1] and "is closer to its training volumes" in lines[1]
     assert "vary more than real pairs" in lines[2]
     assert "about as diverse" in lines[3] and "no closer" in lines[3]
+    # A model whose volumes are not brain-shaped is named, not judged, and left out of the comparison.
+    results["models"]["a"].update(brain_overlap=0.80, brain_shaped=False)
+    lines = conclusions(results)
+    assert lines[0].startswith("a: not judged") and "0.800, below the lowest real volume's 0.890" in lines[0]
+    assert lines[1] == "Lowest MMD in the paper's form: b; lowest Gaussian MMD²: b (among the brain-shaped models)."
+    assert not any(line.startswith("a:") for line in lines[1:])
+    for row in results["models"].values():
+        row["brain_shaped"] = False
+    assert len(conclusions(results)) == 3 and all("not judged" in line for line in conclusions(results))
     gain = AugmentationResult([0.70, 0.72, 0.71], [0.80, 0.81, 0.80]).conclusion()
     assert "above chance" in gain and "not clearly" not in gain and "a gain beyond twice its spread" in gain
     noise = AugmentationResult([0.50, 0.55, 0.45], [0.55, 0.45, 0.50]).conclusion()

@@ -250,3 +250,23 @@ def test_lesion_measurement_against_the_cohorts_ground_truth(kind, contrast, min
         distance.append(np.linalg.norm([stats[f"lesion_{a}_mm"] - f[f"lesion_{a}_mm"] for a in "xyz"]))
     assert np.corrcoef(true, measured)[0, 1] > min_r
     assert np.nanmedian(distance) < max_distance
+
+
+def test_brain_shape_tells_brains_from_blobs():
+    from alphagan.data.dataset import synthetic_volumes
+
+    real = synthetic_volumes(24, 32, seed=5)[0]
+    other = synthetic_volumes(8, 32, seed=6)[0]
+    # Dice computed another way, for one volume: |A and B| * 2 / (|A| + |B|) over explicit voxel lists.
+    typical = {tuple(i) for i in np.argwhere((real > -0.9).mean(0) >= 0.5)}
+    brain = {tuple(i) for i in np.argwhere(other[0] > -0.9)}
+    expected = 2 * len(typical & brain) / (len(typical) + len(brain))
+    assert anatomy.brain_overlap(other[:1], real)[0] == pytest.approx(expected)
+    assert anatomy.brain_shape(other, real).shaped  # new real subjects are brain-shaped
+    # A head-sized blob: a ball a quarter larger than the typical brain, at the same centre.
+    grid = np.indices((32,) * 3).astype(float)
+    centre = np.argwhere((real > -0.9).mean(0) >= 0.5).mean(0)
+    radius = 1.25 * (((real > -0.9).mean(0) >= 0.5).sum() * 3 / (4 * np.pi)) ** (1 / 3)
+    ball = np.where(((grid - centre[:, None, None, None]) ** 2).sum(0) < radius**2, 0.5, -1.0)
+    blob = anatomy.brain_shape(np.repeat(ball[None], 4, axis=0), real)
+    assert not blob.shaped and "not brain-shaped yet" in str(blob)

@@ -9,6 +9,9 @@ from alphagan.models import (
     Discriminator,
     Encoder,
     Generator,
+    HeadConv3d,
+    ResizeConv3d,
+    StemConvTranspose3d,
     VariationalEncoder,
     build_networks,
     count_parameters,
@@ -63,9 +66,47 @@ def test_initialisation_is_dcgan():
 def test_generator_uses_resize_convolution():
     G = Generator(64, 4, 8)
     kinds = [type(m) for m in G.net]
-    assert kinds.count(nn.ConvTranspose3d) == 1  # only the 1^3 -> 4^3 projection
-    assert kinds.count(nn.Upsample) == 4
-    assert all(m.mode == "nearest" for m in G.net if isinstance(m, nn.Upsample))
+    assert kinds.count(StemConvTranspose3d) == 1  # only the 1^3 -> 4^3 projection
+    assert kinds.count(ResizeConv3d) == 4
+
+
+def _same_as_reference(fast: nn.Module, reference: nn.Module, x: torch.Tensor) -> None:
+    """`fast` and the plain PyTorch layers given its weights: the same output and the same gradients, for the
+    weights and for the input, including the second-order gradient the gradient penalty takes."""
+    fast, reference = fast.double(), reference.double()
+    with torch.no_grad():
+        for p, q in zip(fast.parameters(), reference.parameters(), strict=True):
+            q.copy_(p)
+    outputs, grads = [], []
+    for layer in (fast, reference):
+        xi = x.double().clone().requires_grad_()
+        y = layer(xi)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)  # every output counts differently
+        (gx,) = torch.autograd.grad((y * weights).sum(), xi, create_graph=True)
+        gx.square().sum().backward()
+        outputs.append(y.detach())
+        grads.append([gx.detach(), *(p.grad for p in layer.parameters())])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("c_in,c_out,size", [(4, 1, 8), (6, 3, 4), (3, 5, 1)])
+def test_resize_convolution_equals_upsampling_then_convolution(c_in, c_out, size):
+    torch.manual_seed(0)
+    fast = ResizeConv3d(c_in, c_out)
+    nn.init.normal_(fast.weight)
+    reference = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(c_in, c_out, 3, 1, 1, bias=False))
+    _same_as_reference(fast, reference, torch.randn(2, c_in, size, size, size))
+
+
+def test_heads_and_stem_equal_the_plain_layers():
+    torch.manual_seed(0)
+    _same_as_reference(HeadConv3d(6, 5, 4), nn.Conv3d(6, 5, 4), torch.randn(3, 6, 4, 4, 4))
+    stem, reference = StemConvTranspose3d(7, 3, 4), nn.ConvTranspose3d(7, 3, 4, bias=False)
+    _same_as_reference(stem, reference, torch.randn(3, 7, 1, 1, 1))
+    with pytest.raises(ValueError, match="needs a"):
+        HeadConv3d(6, 5, 4)(torch.randn(1, 6, 8, 8, 8))
 
 
 def test_reparameterisation():

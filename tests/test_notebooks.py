@@ -61,7 +61,6 @@ def test_course_runs_every_notebook_in_the_smoke_profile(tmp_path):
     training = nbformat.read(tmp_path / "03_training.ipynb", as_version=4)
     outputs = [o for c in training.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("alpha-wgan-gp: 100%|" in o.get("text", "") for o in outputs)
-    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
     summary = (tmp_path / "summary.md").read_text()
     assert all(p.stem in summary for p in NOTEBOOKS) and "![" in summary
     assert "| real (held out) |" in summary  # notebook 04's Table 1
@@ -73,6 +72,43 @@ def test_course_runs_every_notebook_in_the_smoke_profile(tmp_path):
     captions = [line for line in summary.splitlines() if line.startswith("*") and line.endswith("`)")]
     assert len(captions) == summary.count("![")
     assert not list(ROOT.glob("notebooks/runs")), "notebooks must write under run_dir only"
+    # No widget is saved (progress bars are text, see above); 01's slice viewer shows its three-plane figure.
+    data = nbformat.read(tmp_path / "01_data.ipynb", as_version=4)
+    viewer = next(c for c in data.cells if "slice_viewer(" in c.source)
+    assert [o for o in viewer.outputs if "image/png" in o.get("data", {})]
+    assert not [o for o in viewer.outputs if "VBox(" in o.get("data", {}).get("text/plain", "")]
+    for path in NOTEBOOKS:
+        executed = nbformat.read(tmp_path / path.name, as_version=4)
+        code = [c for c in executed.cells if c.cell_type == "code"]
+        widget = "application/vnd.jupyter.widget-view+json"
+        assert not [o for c in code for o in c.outputs if widget in o.get("data", {})], path.name
+        outputs = "\n".join(_output_text(c) for c in code)
+        for cell in executed.cells:
+            if cell.cell_type == "markdown":
+                for number in stated_numbers(cell.source):
+                    assert number in CONSTANTS or number in outputs, f"{path.name} states {number}; no output shows it"
+
+
+# Numbers a notebook's text may state without an output showing them: settings of the method, not results.
+CONSTANTS = {"99.5", "0.7", "0.2", "1.0"}  # the normalisation percentile, U(0.7, 1), LeakyReLU(0.2), MS-SSIM's 1.0
+
+
+def stated_numbers(markdown: str) -> list[str]:
+    """The numbers a text states as results: decimals and percentages outside formulas, code and links."""
+    prose = re.sub(r"\$\$.*?\$\$|\$[^$]*\$|```.*?```|`[^`]*`|\]\([^)]*\)", " ", markdown, flags=re.S)
+    return re.findall(r"(?<![\w.])\d+\.\d+|\d+(?:\.\d+)?(?=\s?%)", prose)
+
+
+def _output_text(cell) -> str:
+    return "\n".join(
+        str(o.get("text", "")) + "".join(str(v) for k, v in o.get("data", {}).items() if k.startswith("text/"))
+        for o in cell.get("outputs", [])
+    )
+
+
+def test_stated_numbers_are_found_where_a_text_states_a_result():
+    text = "Scores 0.925 against 0.865 ($\\lambda = 0.5$, `lr 2e-4`), 12 % too large; see [a](b_0.3.md); 64³, eq. 1–3."
+    assert stated_numbers(text) == ["0.925", "0.865", "12"]
 
 
 def test_a_failing_notebook_is_named_with_its_cell(tmp_path, capsys):
@@ -105,3 +141,13 @@ def test_notebook_json_is_stable():
         assert nb["metadata"]["kernelspec"]["name"] == "python3"
         ids = [c.get("id") for c in nb["cells"]]
         assert all(ids) and len(set(ids)) == len(ids), path  # nbformat 4.5: every cell has its own id
+
+
+def test_figures_are_captioned_by_the_notebook_that_saved_them():
+    from alphagan.course import _caption
+
+    assert _caption(Path("augmentation.png"), "01_data").startswith("one training volume and five augmented")
+    assert _caption(Path("augmentation.png"), "06_augmentation").startswith("held-out accuracy")
+    assert _caption(Path("views-tumor-flair.png"), "05_diseased").endswith("Fig. 4 (tumor flair)")
+    assert _caption(Path("lesion_stroke_t1.png"), "01_data") == "a synthetic lesion, cut through its centre (stroke t1)"
+    assert _caption(Path("pca.png"), "04_evaluation").startswith("real and generated volumes on the first two")

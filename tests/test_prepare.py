@@ -307,3 +307,29 @@ def test_slice_viewer_widget_and_its_static_fallback():
     assert images.children[0].children[0].value != first
     plane.value = "sagittal"
     assert slider.max == 7 and images.children[1].children[1].value.startswith("b: sagittal")
+
+
+def test_the_viewer_is_static_in_a_saved_run(monkeypatch):
+    import matplotlib.figure
+
+    from alphagan.progress import SAVED_RUN
+    from alphagan.viz import has_widget_frontend, slice_viewer
+
+    monkeypatch.setenv(SAVED_RUN, "1")
+    assert not has_widget_frontend()
+    assert isinstance(slice_viewer(np.zeros((8, 8, 8), np.float32)), matplotlib.figure.Figure)
+
+
+def test_curves_are_described_from_their_numbers():
+    from alphagan.viz import describe_curves
+
+    w = [1.0, 5.0, 9.0, 7.0, 6.0, 5.0, 4.0, 3.0, 3.0, 2.0, 2.0, 2.0]
+    records = [
+        {"iter": 10 * (i + 1), "w_dist": v, "l1": 0.7 - 0.05 * i, "gp_d": 0.1 * i, "gp_c": 0.2} for i, v in enumerate(w)
+    ]
+    lines = describe_curves(records)
+    assert lines[0].startswith("w_dist peaked at 9.0 (iteration 30) and ended below its peak, at 2.0 (here and below")
+    assert lines[1] == "l1 fell from 0.700 to 0.150."
+    assert lines[2] == "gp_d stayed between 0.000 and 1.100; it ended at 1.100."
+    flat = describe_curves([{"iter": i, "w_dist": 5.0} for i in range(20)])
+    assert flat[0].startswith("w_dist peaked at 5.0 (iteration 0) and ended near its peak, at 5.0")

@@ -152,8 +152,29 @@ def test_a_finished_run_is_reused_and_a_stopped_one_resumed(tmp_path, monkeypatc
             assert torch.equal(a, b)
     monkeypatch.undo()
     seen = {}
-    monkeypatch.setattr(train_module, "train", lambda cfg, data, out, resume, overwrite: seen.update(resume=resume))
+    monkeypatch.setattr(train_module, "train", lambda *args, resume, overwrite, init: seen.update(resume=resume))
     train_or_reuse(cfg.replace(iters=6), "synth", tmp_path / "03")
     assert seen == {"resume": True}  # iteration 6 not there yet: continue from 4
     train_or_reuse(cfg, "synth:tumor:t1", tmp_path / "other", reuse=(tmp_path / "03",))
     assert seen == {"resume": False}  # other data: not reused
+
+
+def test_a_run_starts_from_the_weights_of_another(tmp_path):
+    cfg = make_config("smoke", **SMOKE)
+    first = train(cfg, "synth:tumor:t2", tmp_path / "03", progress=False)
+    start = tmp_path / "03" / "checkpoints"
+    # With a learning rate of 0 the weights stay where they started: the other run's, not random ones.
+    tuned = train(cfg.replace(lr=0.0, iters=1), "synth", tmp_path / "05", progress=False, init=start)
+    fresh = train(cfg.replace(lr=0.0, iters=1), "synth", tmp_path / "fresh", progress=False)
+    for k, net in first.nets.items():
+        for (name, a), b in zip(net.named_parameters(), tuned.nets[k].parameters()):
+            assert torch.equal(a, b), f"{k}.{name}"
+        assert not all(torch.equal(a, c) for a, c in zip(net.parameters(), fresh.nets[k].parameters())), k
+    recorded = json.loads((tmp_path / "05" / "config.json").read_text())["init"]
+    assert recorded == str((start / "ckpt_00000004.pt").resolve())
+    # A finished run is reused only with the same starting point.
+    still = cfg.replace(lr=0.0, iters=1)
+    assert train_or_reuse(still, "synth", tmp_path / "x", reuse=(tmp_path / "05",), init=start).out == tmp_path / "05"
+    assert train_or_reuse(still, "synth", tmp_path / "y", reuse=(tmp_path / "05",)).out == tmp_path / "y"
+    with pytest.raises(ValueError, match="ckpt_00000004.pt: its networks differ from this run's \\(width 4 != 8"):
+        train(cfg.replace(width=8), "synth", tmp_path / "wide", progress=False, init=start)
