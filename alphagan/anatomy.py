@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from alphagan.data.space import voxel_ml
+
 TISSUES = ("csf", "gm", "wm")
 BRAIN_THRESHOLD = -0.9  # background is -1 in prepared and generated volumes
 
@@ -95,8 +97,7 @@ def tissue_volumes(volume: np.ndarray, affine: np.ndarray, contrast: str = "t1")
     generated volumes measured the same way, not these numbers with a radiologist's. The lateral ventricles
     are not measured: at 64^3 their partial volumes read as grey matter (an attempt came out 33 % low)."""
     maps = segment(volume, contrast)
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-    return {f"{k}_ml": float(maps[k].sum() * voxel_ml) for k in ("brain", "gm", "wm", "csf")}
+    return {f"{k}_ml": float(maps[k].sum() * voxel_ml(affine)) for k in ("brain", "gm", "wm", "csf")}
 
 
 def lesion_mask(volume: np.ndarray, kind: str, contrast: str, threshold: float = BRAIN_THRESHOLD) -> np.ndarray:
@@ -129,12 +130,11 @@ def lesion_mask(volume: np.ndarray, kind: str, contrast: str, threshold: float =
 def lesion_stats(volume: np.ndarray, affine: np.ndarray, kind: str, contrast: str) -> dict[str, float]:
     """Volume (mL) and centre (mm, world coordinates) of the largest lesion-like region; NaN centre if none."""
     mask = lesion_mask(volume, kind, contrast)
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     if not mask.any():
         return {"lesion_ml": 0.0, "lesion_x_mm": np.nan, "lesion_y_mm": np.nan, "lesion_z_mm": np.nan}
     centre = affine[:3, :3] @ np.argwhere(mask).mean(0) + affine[:3, 3]
     return {
-        "lesion_ml": float(mask.sum() * voxel_ml),
+        "lesion_ml": float(mask.sum() * voxel_ml(affine)),
         "lesion_x_mm": float(centre[0]),
         "lesion_y_mm": float(centre[1]),
         "lesion_z_mm": float(centre[2]),

@@ -55,14 +55,21 @@ def save_checkpoint(directory: str | Path, iteration: int, state: dict, keep: in
     return path
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint with `weights_only=True`; a file that needs unpickling code is refused."""
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint's file: `path` itself, or for a folder its newest checkpoint."""
     path = Path(path)
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(f"{path}: no checkpoint (ckpt_*.pt) in this folder")
         path = found
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint (a file, or a folder's newest) with `weights_only=True`; a file that needs unpickling
+    code is refused."""
+    path = checkpoint_file(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from alphagan.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
+from alphagan.checkpoint import checkpoint_file, latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 from alphagan.config import Config
 from alphagan.data.dataset import Cohort, Source, load_training_volumes
 from alphagan.losses import Terms
@@ -273,17 +273,18 @@ def _started_from(run: Path) -> str | None:
     return json.loads(config.read_text()).get("init") if config.exists() else None
 
 
+def _differing(saved: Config, cfg: Config, keys: tuple[str, ...]) -> list[str]:
+    """The settings among `keys` in which a checkpoint's config differs from this run's."""
+    return [k for k in keys if getattr(saved, k) != getattr(cfg, k)]
+
+
 def _start_from(init: str | Path, cfg: Config, nets) -> Path:
     """Load the network weights of checkpoint `init` (a file or a folder: its newest) into `nets`; returns the
-    checkpoint's path. Its networks must have the shapes of `cfg`'s."""
-    path = _checkpoint_file(init)
+    checkpoint's absolute path. Its networks must have the shapes of `cfg`'s."""
+    path = checkpoint_file(init).resolve()
     state = load_checkpoint(path)
     saved = Config.from_dict(state["config"])
-    changed = [
-        f"{k} {getattr(saved, k)} != {getattr(cfg, k)}"
-        for k in NETWORK_DEFINING
-        if getattr(saved, k) != getattr(cfg, k)
-    ]
+    changed = [f"{k} {getattr(saved, k)} != {getattr(cfg, k)}" for k in _differing(saved, cfg, NETWORK_DEFINING)]
     if changed:
         raise ValueError(f"{path}: its networks differ from this run's ({', '.join(changed)}); cannot start from it")
     for k, net in nets.items():
@@ -291,18 +292,10 @@ def _start_from(init: str | Path, cfg: Config, nets) -> Path:
     return path
 
 
-def _checkpoint_file(path: str | Path) -> Path:
-    """A checkpoint file as an absolute path; a folder stands for its newest checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        path = latest_checkpoint(path) or path  # a folder without checkpoints is named by load_checkpoint
-    return path.resolve()
-
-
 def _restore(state: dict, cfg: Config, nets, optimisers_, cohort: Cohort, device, rank: int, path: Path) -> int:
     """Load a checkpoint's networks, optimisers and random states; returns its iteration."""
     saved = Config.from_dict(state["config"])
-    changed = [k for k in RUN_DEFINING if getattr(saved, k) != getattr(cfg, k)]
+    changed = _differing(saved, cfg, RUN_DEFINING)
     if changed:
         raise ValueError(
             f"{path}: saved with different {', '.join(changed)} "
@@ -515,7 +508,7 @@ def train_or_reuse(
 
     cfg = cfg.validate()
     source = str(Source.parse(data))
-    started = None if init is None else str(_checkpoint_file(init))
+    started = None if init is None else str(checkpoint_file(init).resolve())
     for folder in (Path(out), *map(Path, reuse)):
         path = checkpoint_path(folder / "checkpoints", cfg.iters)
         config = folder / "config.json"
@@ -525,7 +518,7 @@ def train_or_reuse(
             continue
         state = load_checkpoint(path)
         saved = Config.from_dict(state["config"])
-        if all(getattr(saved, k) == getattr(cfg, k) for k in RUN_DEFINING):
+        if not _differing(saved, cfg, RUN_DEFINING):
             nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden)
             device = pick_device(cfg.device)
             for k, net in nets.items():

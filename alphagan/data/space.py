@@ -24,3 +24,8 @@ def cube_affine(size: int, fov_mm: float = DEFAULT_FOV_MM, centre=MNI_BRAIN_CENT
     # World coordinate of voxel centre i is origin + i * voxel; the middle of the cube sits at `centre`.
     affine[:3, 3] = np.asarray(centre, dtype=float) - voxel * (size - 1) / 2.0
     return affine
+
+
+def voxel_ml(affine: np.ndarray) -> float:
+    """The volume of one voxel of `affine`, in millilitres (1 mL = 1000 mm³)."""
+    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0

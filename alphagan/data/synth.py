@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from alphagan.data.space import DEFAULT_FOV_MM, cube_affine
+from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, voxel_ml
 
 KINDS = ("normal", "tumor", "stroke")
 CONTRASTS = ("t1", "t2", "flair")
@@ -231,7 +231,7 @@ def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal"
 
     lesion_kind, lesion_centre = "none", np.full(3, np.nan)
     lesion_ml = oedema_ml = 0.0
-    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+    ml_per_voxel = voxel_ml(affine)
     if kind != "normal":
         wobble = _smooth_field(rng, 1, shape, coarse=4, scale=0.15)[0]
         if kind == "tumor":
@@ -247,8 +247,8 @@ def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal"
             keep = (1.0 - whole - oedema).clamp(0, 1)
             fractions = {k: v * keep for k, v in fractions.items()}
             fractions.update(core=core, rim=(whole - core).clamp(0, 1), oedema=oedema)
-            lesion_ml = float((whole * brain).sum()) * voxel_ml
-            oedema_ml = float((oedema * brain).sum()) * voxel_ml
+            lesion_ml = float((whole * brain).sum()) * ml_per_voxel
+            oedema_ml = float((oedema * brain).sum()) * ml_per_voxel
         else:
             side = float(rng.choice([-1.0, 1.0]))
             cortical = bool(rng.random() < 0.6)
@@ -265,7 +265,7 @@ def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal"
             keep = (1.0 - cavity - gliosis).clamp(0, 1)
             fractions = {k: v * keep for k, v in fractions.items()}
             fractions.update(cavity=cavity, gliosis=gliosis)
-            lesion_ml = float((cavity * brain).sum()) * voxel_ml
+            lesion_ml = float((cavity * brain).sum()) * ml_per_voxel
 
     # MR contrast: per-subject tissue means, partial-volume mixing, bias field, blur, Rician noise.
     means = {k: v * (1.0 + rng.normal(0.0, 0.05)) for k, v in TISSUE_MEANS[contrast].items()}
@@ -281,11 +281,11 @@ def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal"
         "contrast": contrast,
         "age": round(age, 2),
         "head_scale": round(head_scale, 4),
-        "brain_ml": float(brain.sum()) * voxel_ml,
-        "gm_ml": float((fractions["gm"] * brain).sum()) * voxel_ml,
-        "wm_ml": float((fractions["wm"] * brain).sum()) * voxel_ml,
-        "csf_ml": float((fractions["csf"] * brain).sum()) * voxel_ml,
-        "ventricle_ml": float((ventricles.clamp(0, 1) * brain).sum()) * voxel_ml,
+        "brain_ml": float(brain.sum()) * ml_per_voxel,
+        "gm_ml": float((fractions["gm"] * brain).sum()) * ml_per_voxel,
+        "wm_ml": float((fractions["wm"] * brain).sum()) * ml_per_voxel,
+        "csf_ml": float((fractions["csf"] * brain).sum()) * ml_per_voxel,
+        "ventricle_ml": float((ventricles.clamp(0, 1) * brain).sum()) * ml_per_voxel,
         "lesion_kind": lesion_kind,
         "lesion_ml": lesion_ml,
         "oedema_ml": oedema_ml,
