@@ -86,14 +86,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
 
     from alphagan.sampling import generate, load_generator, save_nifti
+    from alphagan.train import pick_device
     from alphagan.viz import use_headless_backend, volume_grid
 
     use_headless_backend()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    G, cfg, state = load_generator(args.checkpoint, device, seed=args.seed)
+    G, cfg, state = load_generator(args.checkpoint, str(pick_device()), seed=args.seed)
     volumes = generate(G, args.n, cfg.latent, seed=args.seed)
     out = Path(args.out)
     for i, volume in enumerate(volumes):
@@ -129,13 +128,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_course(args: argparse.Namespace) -> int:
     from alphagan.course import run_course
 
-    return run_course(profile=args.profile, only=args.only, out=args.out)
+    return run_course(profile=args.profile, only=args.only, out=args.out, minutes=args.minutes)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _at_least(low: int):
+    """An argparse type: a whole number of at least `low`, refused when the arguments are parsed."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive = _at_least(1)
+_at_least_two = _at_least(2)  # a diversity score needs a pair
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value
 
 
@@ -146,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic cohort of brain volumes (NIfTI + participants.tsv)")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--n", type=_positive, required=True)
     p.add_argument("--size", type=_size, default=64, help="edge of the cube, or 1mm for the template's grid")
     p.add_argument("--kind", choices=("normal", "tumor", "stroke"), default="normal")
     p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
@@ -206,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", required=True, help="a held-out prepared cache, or synth[:kind[:contrast]]")
     p.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=512, help="real and generated volumes per model")
-    p.add_argument("--pairs", type=int, default=1000, help="random pairs for MS-SSIM")
-    p.add_argument("--n-anatomy", type=int, default=64, help="volumes segmented per model")
+    p.add_argument("--n", type=_at_least_two, default=512, help="real and generated volumes per model")
+    p.add_argument("--pairs", type=_positive, default=1000, help="random pairs for MS-SSIM")
+    p.add_argument("--n-anatomy", type=_positive, default=64, help="volumes segmented per model")
     p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
     p.add_argument("--features", default=None, help="MedicalNet-style 3D ResNet-10 weights for a Fréchet distance")
     p.add_argument("--seed", type=int, default=0)
@@ -218,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu on a CUDA GPU, else cpu")
     p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,03")
     p.add_argument("--out", default=None, help="default: runs/course-<profile>-<time>")
+    p.add_argument(
+        "--minutes", type=_positive_float, default=None,
+        help="scale the training iterations of notebooks 03-06 to this many minutes on this machine",
+    )  # fmt: skip
     p.set_defaults(func=cmd_course)
     return parser
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MODELS = ("alpha-wgan-gp", "alpha-gan", "wgan-gp", "vae-gan")
-GPU_ITERS = 2000  # per model in the `gpu` profile: 11 models in about 25 minutes at the 15.7 it/s measured on an H200
+GPU_ITERS = 2000  # per model in the `gpu` profile; the course runner's plan says what that costs on your GPU
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Config:
     lambda_gp: float = 10.0  # lambda_1
     lambda_rec: float = 10.0  # lambda_2
     beta_kl: float = 1.0  # VAE-GAN only: weight of the KL term
+    critic_norm: str = "batch"  # normalisation in the image critic D: batch (the paper's), layer or none
     g_steps: int = 2  # E+G updates per iteration ("the generator twice")
     d_steps: int = 1  # critic updates per iteration (5 for wgan-gp)
     n_subjects: int = 991  # size of the synthetic cohort when no cache is given
@@ -83,12 +84,25 @@ class Config:
         for name in ("width", "latent", "batch", "g_steps", "d_steps", "code_hidden", "iters", "n_subjects"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.critic_norm not in ("batch", "layer", "none"):
+            raise ValueError(f"critic_norm must be batch, layer or none, got {self.critic_norm!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("log_every", "sample_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self
+
+
+# What the alpha-WGAN-GP needs, beyond the paper's settings, to learn at the course's sizes (docs/method.md,
+# section 7, measured by bench/ablation.py): a reconstruction weight whose gradient is not swamped by the
+# critic's, and a critic that scores each volume on its own (layer normalisation instead of BatchNorm).
+LEARNS: dict[str, Any] = {"lambda_rec": 1000.0, "critic_norm": "layer"}
+
+
+def as_written(cfg: Config) -> Config:
+    """`cfg` with the paper's own settings in place of `LEARNS` (notebook 03 trains both)."""
+    return cfg.replace(**{k: getattr(Config(), k) for k in LEARNS})
 
 
 # Model-specific defaults that differ from the alpha-WGAN-GP ones.
@@ -119,9 +133,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         ckpt_every=2,
         n_fixed=2,
     ),
-    # A laptop or a CI-sized machine: blurry but brain-shaped samples in about 7 minutes on 2 cores. At 300
-    # iterations the samples are still head-sized blobs (anatomy.brain_shape: overlap 0.84 against 0.89 for the
-    # least typical real brain); by 800-1000 they pass (0.91, 0.925).
+    # A laptop or a CI-sized machine: blurry but brain-shaped samples after 1 000 iterations. At 300 the samples
+    # are still head-sized blobs (anatomy.brain_shape: overlap 0.84 against 0.89 for the least typical real brain);
+    # by 800-1000 they pass (0.91, 0.925). How long that takes here: the course runner's plan.
     "cpu": dict(
         size=32,
         width=16,
@@ -135,8 +149,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         ckpt_every=500,
         keep_ckpts=1,
     ),
-    # One GPU: the paper's networks at 64^3, trained for as many iterations as let the whole course (11 models)
-    # finish in under an hour on one H100 (README, "The course").
+    # One GPU: the paper's networks at 64^3; `course --minutes` scales the iterations to a GPU's speed.
     # A course run keeps one checkpoint per model (1.4 GB each at the paper's size); long runs keep three, so that
     # a damaged last checkpoint still leaves one to resume from.
     "gpu": dict(PAPER_NETWORKS, iters=GPU_ITERS, ckpt_every=1000, keep_ckpts=1),
@@ -148,9 +161,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 class Course:
     """What the notebooks do at a profile besides one training run's `Config`: cohort and evaluation sizes, which
-    models notebooks 04-06 train and for how long, whether they start from notebook 03's weights, and the minutes
-    each notebook took when last measured on the machine named in the README's course map (absent: not measured
-    for this profile)."""
+    models notebooks 04-06 train and for how long, whether they start from notebook 03's weights, and the fewest
+    iterations from random weights that the course runner's `--minutes` may scale a run down to."""
 
     data_subjects: int  # 01: subjects written as NIfTI and prepared
     eval_models: tuple[str, ...]  # 04: the models of Table 1 (the alpha-WGAN-GP is notebook 03's)
@@ -167,9 +179,9 @@ class Course:
     aug_iters: int | None  # 06: generator training
     aug_seeds: int  # 06: classifier seeds
     # 05 and 06 start from notebook 03's weights (fine-tuning) instead of at random: on a CPU a generator needs
-    # about 1 000 iterations (7 minutes) to make brain-shaped volumes from scratch, a few hundred from 03's.
+    # about 1 000 iterations to make brain-shaped volumes from scratch, a few hundred from 03's.
     warm_start: bool
-    minutes: dict[str, float] = dataclasses.field(default_factory=dict)  # "03": 9.2, ...
+    min_iters: int  # from random weights, fewer do not make brain-shaped volumes (anatomy.brain_shape)
 
 
 COHORTS = ("tumor:flair", "tumor:t2", "stroke:t1")
@@ -177,25 +189,25 @@ COURSE: dict[str, dict[str, Any]] = {
     "smoke": dict(
         data_subjects=12, eval_models=MODELS, latents=(8, 16), n_eval=16, pairs=40, diseased_cohorts=COHORTS,
         diseased_iters=4, diseased_subjects=12, diseased_eval=8, aug_real=4, aug_generated=8, aug_test=8, aug_iters=4,
-        aug_seeds=2, warm_start=True,
+        aug_seeds=2, warm_start=True, min_iters=1,
     ),
-    # Only models that learn a brain shape in minutes on 2 cores: notebook 03's alpha-WGAN-GP (1 000 iterations),
-    # fine-tuned for 05 and 06. Table 1's other models and the latent sizes need as long each: the gpu profile.
+    # Table 1's four models and Fig. 3c's three latent sizes, each trained 1 000 iterations from random weights
+    # (800 at least: brain-shaped from there, docs/method.md section 5); 05 and 06 fine-tune 03's model.
     "cpu": dict(
-        data_subjects=128, eval_models=("alpha-wgan-gp",), latents=(), n_eval=48, pairs=200,
-        diseased_cohorts=("tumor:flair",), diseased_iters=200, diseased_subjects=64, diseased_eval=24, aug_real=8,
+        data_subjects=128, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=48, pairs=200,
+        diseased_cohorts=COHORTS, diseased_iters=200, diseased_subjects=64, diseased_eval=24, aug_real=8,
         aug_generated=32, aug_test=40, aug_iters=200, aug_seeds=3, warm_start=True,
-        minutes={"01": 0.8, "02": 0.1, "03": 9.2, "04": 0.6, "05": 2.5, "06": 4.2},
+        min_iters=800,
     ),
     "gpu": dict(
         data_subjects=64, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=256, pairs=1000,
         diseased_cohorts=COHORTS, diseased_iters=None, diseased_subjects=256, diseased_eval=128, aug_real=32,
-        aug_generated=128, aug_test=200, aug_iters=None, aug_seeds=5, warm_start=False,
+        aug_generated=128, aug_test=200, aug_iters=None, aug_seeds=5, warm_start=False, min_iters=1000,
     ),
     "paper": dict(
         data_subjects=64, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=512, pairs=1000,
         diseased_cohorts=COHORTS, diseased_iters=None, diseased_subjects=None, diseased_eval=256, aug_real=32,
-        aug_generated=128, aug_test=200, aug_iters=None, aug_seeds=5, warm_start=False,
+        aug_generated=128, aug_test=200, aug_iters=None, aug_seeds=5, warm_start=False, min_iters=1000,
     ),
 }  # fmt: skip
 
@@ -213,7 +225,8 @@ def make_config(profile: str = "cpu", model: str = "alpha-wgan-gp", **overrides:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    settings = {**PROFILES[profile], **MODEL_DEFAULTS[model], "model": model}
+    learns = LEARNS if model == "alpha-wgan-gp" and profile != "paper" else {}  # `paper`: the paper as written
+    settings = {**PROFILES[profile], **MODEL_DEFAULTS[model], **learns, "model": model}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return Config().replace(**settings).validate()
 
@@ -225,20 +238,14 @@ def default_profile() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def device_banner(profile: str, cfg: Config, notebook: str | None = None) -> str:
-    """One line saying where this runs and with which settings, for the top of a notebook, and how long the
-    notebook took at this profile when last measured (the README's course map)."""
+def device_banner(profile: str, cfg: Config) -> str:
+    """One line saying where this runs and with which settings, for the top of a notebook."""
     import os
 
     import torch
 
     where = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    line = (
+    return (
         f"{where}: profile {profile}, {cfg.model}, {cfg.size}³ volumes, width {cfg.width}, latent {cfg.latent}, "
         f"batch {cfg.batch}, {cfg.iters} iterations"
     )
-    minutes = course_settings(profile).minutes.get(notebook) if notebook else None
-    if minutes is None:
-        return line
-    took = "under a minute" if minutes < 1 else f"{minutes:.1f} minutes"
-    return line + f"; this notebook took {took} on the course map's machine"

@@ -1,16 +1,24 @@
-"""The course runner: execute the notebooks in order with papermill into one run folder, then summarise.
+"""The course runner: plan the run on this machine, execute the notebooks in order with papermill into one run
+folder, then summarise.
 
-Each notebook gets `profile` and `run_dir` through its `parameters` cell and writes what it makes (figures,
-NIfTI files, metrics) under `run_dir`; the executed notebooks land there too. A failing notebook stops the run
-with the notebook's name and the cell that failed.
+Before the first notebook the runner times a few iterations of each model it will train, at the profile's
+settings, and prints a plan: the training runs of notebooks 03-06, their iterations and the minutes they take
+here (`plan_course`). With a budget (`--minutes`) it scales every notebook's iterations to fit, and refuses
+below the profile's floor (`Course.min_iters`), where a model would not yet make brain-shaped volumes.
+
+Each notebook gets `profile`, `run_dir` and its iterations through its `parameters` cell and writes what it
+makes (figures, NIfTI files, metrics) under `run_dir`; the executed notebooks land there too. A failing notebook
+stops the run with the notebook's name and the cell that failed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alphagan.progress import SAVED_RUN
@@ -33,6 +41,137 @@ def notebook_03_model(run_dir: str | Path) -> Path:
             f"iters: from random weights a model needs about 1000 iterations to make brain-shaped volumes at 32³)"
         )
     return folder
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training run a notebook makes: the model and latent size (what an iteration costs), its iterations,
+    and whether it starts from random weights (then the profile's floor applies) or fine-tunes notebook 03's."""
+
+    model: str
+    latent: int
+    iters: int
+    from_scratch: bool = True
+
+
+@dataclass
+class Plan:
+    """What the course will train, per notebook, and what an iteration of each kind costs on this machine."""
+
+    profile: str
+    runs: dict[str, list[TrainingRun]]
+    seconds: dict[tuple[str, int], float] = field(default_factory=dict)  # (model, latent) -> s per iteration
+
+    def minutes(self, notebook: str) -> float:
+        """Training minutes of one notebook here (synthesis and evaluation come on top)."""
+        return sum(r.iters * self.seconds[(r.model, r.latent)] for r in self.runs.get(notebook, [])) / 60
+
+    def iters(self, notebook: str) -> int | None:
+        """The iterations of a notebook's training runs (one number per notebook), None if it trains nothing."""
+        runs = self.runs.get(notebook)
+        return runs[0].iters if runs else None
+
+    def parameters(self, notebook: str) -> dict[str, int]:
+        """What the runner passes to a notebook's `parameters` cell."""
+        iters = self.iters(notebook)
+        return {} if iters is None else {"iters": iters, **({"compare_iters": iters} if notebook == "03" else {})}
+
+    def table(self) -> str:
+        lines = ["| notebook | training runs | iterations each | training minutes here |", "|---|---:|---:|---:|"]
+        for notebook, runs in self.runs.items():
+            models = ", ".join(sorted({r.model if r.latent == 1000 else f"{r.model} z{r.latent}" for r in runs}))
+            lines.append(f"| {notebook} | {len(runs)} ({models}) | {runs[0].iters} | {self.minutes(notebook):.1f} |")
+        total = sum(self.minutes(n) for n in self.runs)
+        return "\n".join([*lines, f"| all | {sum(map(len, self.runs.values()))} | | {total:.1f} |"])
+
+
+def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str, list[TrainingRun]]:
+    """The training runs of notebooks 03-06 at `profile` (`iters`: a notebook's iterations instead of the
+    profile's), as the notebooks make them."""
+    from alphagan.config import course_settings, make_config
+
+    course, cfg = course_settings(profile), make_config(profile)
+    own = iters or {}
+    it = {nb: own.get(nb, default) for nb, default in (("03", cfg.iters), ("04", cfg.iters),
+          ("05", course.diseased_iters or cfg.iters), ("06", course.aug_iters or cfg.iters))}  # fmt: skip
+    scratch = not course.warm_start
+    runs = {"03": [TrainingRun("alpha-wgan-gp", cfg.latent, it["03"])] * 2}  # this run and the paper as written
+    others = [TrainingRun(m, cfg.latent, it["04"]) for m in course.eval_models if m != "alpha-wgan-gp"]
+    latents = [TrainingRun("alpha-wgan-gp", z, it["04"]) for z in course.latents if z != cfg.latent]
+    if others or latents:
+        runs["04"] = others + latents
+    runs["05"] = [TrainingRun("alpha-wgan-gp", cfg.latent, it["05"], scratch)] * len(course.diseased_cohorts)
+    runs["06"] = [TrainingRun("alpha-wgan-gp", cfg.latent, it["06"], scratch)] * 2  # one generator per class
+    return runs
+
+
+def seconds_per_iteration(profile: str, model: str, latent: int, warmup: int = 2, timed: int = 3) -> float:
+    """Seconds of one training iteration of `model` at `profile`'s settings on this machine, timed on random
+    volumes with the update `train()` runs (after `warmup` untimed iterations)."""
+    import numpy as np
+    import torch
+
+    from alphagan.config import make_config
+    from alphagan.data.dataset import Cohort
+    from alphagan.models import build_networks
+    from alphagan.steps import UPDATES, draw, optimisers, run_update
+    from alphagan.train import pick_device, pick_dtype
+
+    cfg = make_config(profile, model, latent=latent)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.precision, device)
+    nets = {k: v.to(device) for k, v in build_networks(model, cfg.size, cfg.width, latent, cfg.code_hidden,
+                                                       cfg.critic_norm).items()}  # fmt: skip
+    volumes = np.random.default_rng(0).uniform(-1, 1, (2 * cfg.batch, *[cfg.size] * 3)).astype(np.float32)
+    cohort = Cohort(volumes, device, torch.Generator(device=device).manual_seed(0))
+    updates = UPDATES[model]
+    opts, inputs = optimisers(nets, updates, cfg, fused=True), {}
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def iteration() -> None:
+        for u in updates:
+            for _ in range(u.times(cfg)):
+                draw(u.draws, inputs, cohort, cfg)
+                run_update(u, nets, opts[u.name], inputs, cfg, autocast=autocast)
+
+    for _ in range(warmup):
+        iteration()
+    synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronise()
+    start = time.perf_counter()
+    for _ in range(timed):
+        iteration()
+    synchronise()
+    return (time.perf_counter() - start) / timed
+
+
+def plan_course(profile: str, minutes: float | None = None, only: list[str] | None = None) -> Plan:
+    """Time each kind of training run of the course at `profile` here; with `minutes`, scale every notebook's
+    iterations so that training fits them. Raises ValueError when that falls below the profile's floor."""
+    from alphagan.config import course_settings
+
+    runs = {nb: r for nb, r in training_runs(profile).items() if only is None or nb in only}
+    plan = Plan(profile, runs)
+    for kind in sorted({(r.model, r.latent) for rs in runs.values() for r in rs}):
+        plan.seconds[kind] = seconds_per_iteration(profile, *kind)
+    planned = sum(plan.minutes(nb) for nb in runs)
+    if minutes is None or planned <= 0:
+        return plan
+    scale = minutes / planned
+    iters = {nb: max(1, int(rs[0].iters * scale)) for nb, rs in runs.items()}
+    floor = course_settings(profile).min_iters
+    short = [nb for nb, rs in runs.items() if rs[0].from_scratch and iters[nb] < floor]
+    if short:
+        needed = math.ceil(max(floor / rs[0].iters for nb, rs in runs.items() if nb in short) * planned)
+        raise ValueError(
+            f"--minutes {minutes:g} gives notebook {short[0]}'s models {iters[short[0]]} iterations on this machine, "
+            f"below the {profile} profile's floor of {floor} (fewer do not make brain-shaped volumes); give "
+            f"--minutes {needed} or more, or a smaller profile"
+        )
+    scaled = training_runs(profile, iters)
+    return Plan(profile, {nb: scaled[nb] for nb in runs}, plan.seconds)
 
 
 def notebooks(only: str | None = None, directory: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -85,6 +224,7 @@ CAPTIONS = {
     "02_architecture/untrained_sample": "an untrained generator's output",
     "03_training/loss_curves": "every loss term through training",
     "03_training/samples": "samples from random codes, generator with recalibrated statistics",
+    "03_training/as_written": "spread of samples and reconstructions: the paper as written against this run",
     "pca": "real and generated volumes on the first two principal components of the real set",
     "volumes": "tissue volumes, real against generated",
     "nearest": "generated volumes beside their nearest training volumes",
@@ -127,11 +267,15 @@ def _numbers(path: Path) -> list[str]:
     return [f"Numbers (`{path.name}`):", "", "| quantity | | value |", "|---|---|---|", *rows, ""]
 
 
-def _summary(run_dir: Path, timings: list[tuple[str, float]], profile: str) -> Path:
-    """A page a learner can read after a run: each notebook's time, then per notebook its numbers, its tables
-    (Table 1 before the latent-size table; the paper's table once) and its figures with captions."""
-    lines = [f"# Course run, profile `{profile}`", "", "| notebook | minutes |", "|---|---|"]
-    lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings]
+def _summary(run_dir: Path, timings: list[tuple[str, float]], profile: str, plan: Plan) -> Path:
+    """A page a learner can read after a run: each notebook's time, the training iterations it used, then per
+    notebook its numbers, its tables (Table 1 before the latent-size table; the paper's table once) and its
+    figures with captions."""
+    lines = [f"# Course run, profile `{profile}`", "", "| notebook | minutes | training iterations per model |"]
+    lines.append("|---|---|---|")
+    for name, seconds in timings:
+        iters = plan.iters(name[:2])
+        lines.append(f"| {name} | {seconds / 60:.1f} | {'' if iters is None else iters} |")
     paper_shown = False
     for name, _ in timings:
         stem = Path(name).stem
@@ -162,14 +306,20 @@ def run_course(
     only: str | None = None,
     out: str | Path | None = None,
     notebook_dir: Path = NOTEBOOK_DIR,
+    minutes: float | None = None,
 ) -> int:
-    """Run the notebooks; 0 when all ran, 1 with a message naming the notebook and cell otherwise."""
+    """Plan, then run the notebooks; 0 when all ran, 1 with a message naming the notebook and cell otherwise.
+    `minutes`: the training budget the notebooks' iterations are scaled to (see `plan_course`)."""
     import papermill
 
-    from alphagan.config import course_settings, default_profile
+    from alphagan.config import default_profile
 
     profile = profile or default_profile()
     selected = notebooks(only, notebook_dir)  # checked before anything is created
+    print(f"course: timing a few iterations of each model at profile {profile} on this machine", flush=True)
+    plan = plan_course(profile, minutes, only=[nb.name[:2] for nb in selected])
+    budget = f" scaled to {minutes:g} training minutes" if minutes else ""
+    print(f"course plan{budget}:\n{plan.table()}", flush=True)
     run_dir = Path(out) if out else Path("runs") / f"course-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
@@ -178,9 +328,7 @@ def run_course(
     timings: list[tuple[str, float]] = []
     for i, notebook in enumerate(selected, 1):
         executed = run_dir / notebook.name
-        measured = course_settings(profile).minutes.get(notebook.name[:2])
-        took = f" (took {measured} min on the course map's machine)" if measured else ""
-        print(f"[{i}/{len(selected)}] {notebook.name}{took}", flush=True)
+        print(f"[{i}/{len(selected)}] {notebook.name}", flush=True)
         start = time.perf_counter()
         try:
             papermill.execute_notebook(
@@ -189,7 +337,11 @@ def run_course(
                 cwd=str(notebook.parent),
                 # Cell i/N, elapsed time and an estimate, so that a long notebook does not look hung.
                 progress_bar={"desc": f"{notebook.stem} cells", "unit": "cell", "file": sys.stderr},
-                parameters={"profile": profile, "run_dir": str(run_dir / notebook.stem)},
+                parameters={
+                    "profile": profile,
+                    "run_dir": str(run_dir / notebook.stem),
+                    **(plan.parameters(notebook.name[:2]) if minutes else {}),
+                },
                 # The kernel talks to us on 127.0.0.1 only; its start-up warning about unencrypted TCP is noise
                 # here, and errors still reach the executed notebook and this runner.
                 extra_arguments=["--IPKernelApp.log_level=ERROR"],
@@ -205,6 +357,6 @@ def run_course(
         seconds = time.perf_counter() - start
         timings.append((notebook.name, seconds))
         print(f"[{i}/{len(selected)}] {notebook.name} done in {seconds / 60:.1f} min", flush=True)
-    summary = _summary(run_dir, timings, profile)
+    summary = _summary(run_dir, timings, profile, plan)
     print(f"course: all {len(selected)} notebooks ran; summary: {summary}")
     return 0

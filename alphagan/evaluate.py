@@ -17,7 +17,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from alphagan import anatomy, features, metrics
 from alphagan.config import Config
@@ -25,6 +24,7 @@ from alphagan.data.dataset import Source, load_training_volumes
 from alphagan.data.prepare import load_cache
 from alphagan.data.space import cube_affine
 from alphagan.sampling import generate, load_generator
+from alphagan.train import pick_device
 
 HELD_OUT_SEED_OFFSET = 10_000  # synthetic held-out subjects: a cohort seed no training run uses by default
 QUANTITIES = ("brain_ml", "gm_ml", "wm_ml", "csf_ml")
@@ -81,7 +81,7 @@ def evaluate(
         load_cache(source.cache)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(device or "auto"))
     models = [load_generator(c, device) for c in checkpoints]
     sizes = {cfg.size for _, cfg, _ in models}
     if len(sizes) != 1:
@@ -195,7 +195,9 @@ PAPER_TABLE = {
 
 
 def conclusions(results: dict) -> list[str]:
-    """Sentences derived from the numbers of one `evaluate` run (notebook 04 prints them under its table)."""
+    """Sentences derived from the numbers of one `evaluate` run (notebook 04 prints them under its table): which
+    models are not brain-shaped yet (named, not ranked), which is closest to the real data by each MMD, which have
+    collapsed (pairs more alike than real pairs), memorisation, and how the latent sizes compare."""
     real_overlap = results["real"]["brain_overlap_lowest"]
     lines = [
         f"{name}: not judged: its volumes are not brain-shaped yet (median overlap with the typical real brain "
@@ -205,15 +207,17 @@ def conclusions(results: dict) -> list[str]:
     ]
     models = {name: row for name, row in results["models"].items() if row["brain_shaped"]}
     if len(models) > 1:  # a ranking needs two
+        kernel, paper = (min(models, key=lambda m: models[m][key]) for key in ("mmd_gaussian", "mmd"))
         lines.append(
-            f"Lowest MMD in the paper's form: {min(models, key=lambda m: models[m]['mmd'])}; lowest Gaussian MMD²: "
-            f"{min(models, key=lambda m: models[m]['mmd_gaussian'])}"
+            f"Closest to the real data by the Gaussian-kernel MMD²: {kernel}; by the paper's MMD: {paper}"
             + (" (among the brain-shaped models)." if len(models) < len(results["models"]) else ".")
         )
     real = results["real"]["ms_ssim"]
     for name, row in models.items():
         if row["ms_ssim"] > real + 0.02:
-            diversity = f"its volumes are more alike than real pairs (MS-SSIM {row['ms_ssim']:.3f} > {real:.3f})"
+            diversity = (
+                f"collapsed: its volumes are more alike than real pairs (MS-SSIM {row['ms_ssim']:.3f} > {real:.3f})"
+            )
         elif row["ms_ssim"] < real - 0.02:
             diversity = f"its volumes vary more than real pairs (MS-SSIM {row['ms_ssim']:.3f} < {real:.3f})"
         else:
@@ -223,6 +227,21 @@ def conclusions(results: dict) -> list[str]:
             closer = "closer to" if ratio < 1 else "no closer to"
             diversity += f"; it is {closer} its training volumes than new real subjects are (ratio {ratio:.2f})"
         lines.append(f"{name}: {diversity}.")
+    lines += _latent_conclusions(models)
+    return lines
+
+
+def _latent_conclusions(models: dict[str, dict]) -> list[str]:
+    """The paper's Fig. 3c question, for the brain-shaped alpha-WGAN-GPs among `models`: is a smaller code less
+    diverse (higher MS-SSIM) than the paper's 1000?"""
+    sizes = {int(name.split(" z")[1]): row for name, row in models.items() if name.startswith("alpha-wgan-gp z")}
+    if 1000 not in sizes:
+        return []
+    lines = []
+    for z in sorted(k for k in sizes if k != 1000):
+        a, b = sizes[z]["ms_ssim"], sizes[1000]["ms_ssim"]
+        verdict = "less diverse than" if a > b else "at least as diverse as"
+        lines.append(f"latent {z}: {verdict} latent 1000 (MS-SSIM {a:.3f} against {b:.3f}).")
     return lines
 
 

@@ -218,6 +218,13 @@ def diversity(
     return float(scores.mean()), float(scores.std())
 
 
+def spread(volumes) -> float:
+    """How much volumes differ from each other: the standard deviation across them at each voxel, averaged over
+    voxels. Divided by the same for real volumes it tells collapse apart from diversity: near 0, the generator
+    makes one volume (or, for reconstructions, one volume whatever the input)."""
+    return float(_flat(volumes).std(0, unbiased=False).mean())
+
+
 # ------------------------------------------------------------------------------------------------ PCA
 def pca_projection(real, generated: dict[str, np.ndarray], components: int = 2, seed: int = 0):
     """Fit PCA on the real volumes and project every set on it: (real_2d, {name: 2d}, explained variance)."""

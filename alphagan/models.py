@@ -38,7 +38,7 @@ def init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d)):
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d, nn.GroupNorm)):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
@@ -97,14 +97,29 @@ class ResizeConv3d(nn.Conv3d):
         return y.reshape(b, self.out_channels, 2 * d, 2 * h, 2 * w)
 
 
-def _trunk(size: int, width: int) -> tuple[nn.Sequential, int]:
-    """Strided 4^3 convolutions from (1, S^3) down to (C, 4^3); BatchNorm on all but the first."""
+NORMS = ("batch", "layer", "none")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm (the paper's), layer normalisation over each sample's channels and voxels (what WGAN-GP's
+    authors put in a gradient-penalised critic, whose penalty is per sample), or nothing."""
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"normalisation must be one of {NORMS}, got {kind!r}")
+
+
+def _trunk(size: int, width: int, norm: str = "batch") -> tuple[nn.Sequential, int]:
+    """Strided 4^3 convolutions from (1, S^3) down to (C, 4^3); `norm` on all but the first."""
     layers: list[nn.Module] = [nn.Conv3d(1, width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
     channels = width
     for _ in range(_levels(size) - 1):
         layers += [
             nn.Conv3d(channels, 2 * channels, 4, 2, 1),
-            nn.BatchNorm3d(2 * channels),
+            _norm(norm, 2 * channels),
             nn.LeakyReLU(0.2, inplace=True),
         ]
         channels *= 2
@@ -112,11 +127,13 @@ def _trunk(size: int, width: int) -> tuple[nn.Sequential, int]:
 
 
 class Discriminator(nn.Module):
-    """The image critic D: a volume to one unbounded score (no sigmoid: WGAN critic, or logits for BCE)."""
+    """The image critic D: a volume to one unbounded score (no sigmoid: WGAN critic, or logits for BCE).
+    `norm`: the paper's BatchNorm, or layer normalisation or none (docs/method.md, "Why the paper's α-WGAN-GP
+    collapses")."""
 
-    def __init__(self, size: int = 64, width: int = 64):
+    def __init__(self, size: int = 64, width: int = 64, norm: str = "batch"):
         super().__init__()
-        self.trunk, channels = _trunk(size, width)
+        self.trunk, channels = _trunk(size, width, norm)
         self.head = HeadConv3d(channels, 1, 4)
         self.apply(init_weights)
 
@@ -206,9 +223,11 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_networks(model: str, size: int, width: int, latent: int, code_hidden: int = 4096) -> dict[str, nn.Module]:
+def build_networks(
+    model: str, size: int, width: int, latent: int, code_hidden: int = 4096, critic_norm: str = "batch"
+) -> dict[str, nn.Module]:
     """The networks each model trains: E, G, D and C for the alpha-GANs; G and D for WGAN-GP; E, G, D for VAE-GAN."""
-    nets: dict[str, nn.Module] = {"G": Generator(size, width, latent), "D": Discriminator(size, width)}
+    nets: dict[str, nn.Module] = {"G": Generator(size, width, latent), "D": Discriminator(size, width, critic_norm)}
     if model in ("alpha-wgan-gp", "alpha-gan"):
         nets["E"] = Encoder(size, width, latent)
         nets["C"] = CodeDiscriminator(latent, code_hidden)
@@ -217,41 +236,3 @@ def build_networks(model: str, size: int, width: int, latent: int, code_hidden: 
     elif model != "wgan-gp":
         raise ValueError(f"unknown model {model!r}")
     return nets
-
-
-def layer_shapes(net: nn.Module, x: torch.Tensor) -> list[tuple[str, str, tuple[int, ...], int]]:
-    """(name, layer type, output shape, parameters) for every leaf layer of `net` on input `x`."""
-    rows: list[tuple[str, str, tuple[int, ...], int]] = []
-    hooks = []
-    for name, module in net.named_modules():
-        if len(list(module.children())) == 0:
-
-            def hook(mod, _inputs, output, name=name):
-                rows.append((name, type(mod).__name__, tuple(output.shape), sum(p.numel() for p in mod.parameters())))
-
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            net.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        net.train()
-    return rows
-
-
-def compare_upsampling(channels: int = 4, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upsample one smooth random volume x2 with a transposed convolution and with resize-convolution.
-
-    Both use random weights with the same initialisation; the transposed convolution's kernel overlaps
-    unevenly (kernel 4, stride 2), which prints a checkerboard on any input, while nearest upsampling followed
-    by a 3^3 convolution treats every output voxel alike (Odena et al., 2016).
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.ones(1, channels, size, size, size) + 0.1 * torch.randn(1, channels, size, size, size, generator=g)
-    transposed = nn.ConvTranspose3d(channels, 1, 4, 2, 1, bias=False)
-    resize = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(channels, 1, 3, 1, 1, bias=False))
-    with torch.no_grad():
-        transposed.weight.copy_(torch.randn(transposed.weight.shape, generator=g) * 0.02)
-        resize[1].weight.copy_(torch.randn(resize[1].weight.shape, generator=g) * 0.02)
-        return transposed(x)[0, 0], resize(x)[0, 0]

@@ -9,6 +9,7 @@ discriminator, which draws no volumes, scores codes of the real batch the image 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from alphagan.data.dataset import Cohort
 Nets = dict[str, nn.Module]
 Inputs = dict[str, Tensor]
 LossFn = Callable[[Nets, Inputs, Config], tuple[Tensor, losses.Terms]]
+Watch = Callable[[str, losses.Terms], None]  # called with each update's name and terms
 
 
 @dataclass(frozen=True)
@@ -135,13 +137,29 @@ def optimisers(nets: Nets, updates: tuple[Update, ...], cfg: Config, **adam) -> 
 
 
 def run_update(
-    update: Update, nets: Nets, optimiser: torch.optim.Optimizer, inputs: Inputs, cfg: Config
+    update: Update,
+    nets: Nets,
+    optimiser: torch.optim.Optimizer,
+    inputs: Inputs,
+    cfg: Config,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    watch: Watch | None = None,
 ) -> losses.Terms:
-    """One plain update: freeze the others, compute the loss, step the optimiser. The training loop adds
-    mixed precision, loss scaling, divergence checks and CUDA graphs around this same sequence."""
+    """One update: freeze the other networks, compute the loss, step the optimiser. `train()` runs this same
+    function, with `autocast` (mixed precision), `scaler` (fp16 loss scaling) and `watch` (a NaN check that does
+    not stop the GPU), and replays it as a CUDA graph on a GPU."""
     set_trainable(nets, update.learns)
-    loss, terms = update.loss(nets, inputs, cfg)
+    with autocast():
+        loss, terms = update.loss(nets, inputs, cfg)
     optimiser.zero_grad(set_to_none=True)
-    loss.backward()
-    optimiser.step()
+    if scaler is None:
+        loss.backward()
+        optimiser.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+    if watch is not None:
+        watch(update.name, terms)
     return terms

@@ -28,21 +28,24 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from alphagan import metrics
 from alphagan.checkpoint import checkpoint_file, latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 from alphagan.config import Config
 from alphagan.data.dataset import Cohort, Source, load_training_volumes
 from alphagan.losses import Terms
 from alphagan.models import build_networks
 from alphagan.sampling import calibrated_generator, generate, reconstruct, save_nifti
-from alphagan.steps import UPDATES, Inputs, Update, draw, optimisers, set_trainable
+from alphagan.steps import UPDATES, Inputs, draw, optimisers, run_update
 
 # Settings that must not change when a run is resumed (iterations, logging and device may).
 RUN_DEFINING = (
@@ -56,6 +59,7 @@ RUN_DEFINING = (
     "betas",
     "lambda_gp",
     "lambda_rec",
+    "critic_norm",
     "beta_kl",
     "g_steps",
     "d_steps",
@@ -83,9 +87,14 @@ class TrainingDiverged(RuntimeError):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """CUDA if present, else Apple's MPS, else the CPU; or the device named."""
+    """CUDA if present, else Apple's MPS, else the CPU; or the device named, if this machine has it."""
     if name != "auto":
-        return torch.device(name)
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU here (torch {torch.__version__}); use --device cpu or auto")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: Apple's MPS is not available here; use --device cpu or auto")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -107,8 +116,9 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 class FiniteWatch:
     """Notices a non-finite loss term on the device, without stopping the host; `check` reads it (a sync).
 
-    Each update records, on the device, the index of the first update whose terms were not all finite and those
-    terms' values, so the message can name the term and the iteration even when it is read many steps later."""
+    Called after each update with its terms, it records on the device the index of the first update whose terms
+    were not all finite and those terms' values, so the message can name the term and the iteration even when it
+    is read many steps later."""
 
     def __init__(self, device: torch.device, updates_per_iteration: int, start: int):
         self.count = torch.zeros((), dtype=torch.long, device=device)
@@ -116,7 +126,7 @@ class FiniteWatch:
         self.snapshots: dict[str, tuple[list[str], torch.Tensor]] = {}
         self.per_iteration, self.start = updates_per_iteration, start
 
-    def observe(self, name: str, terms: Terms) -> None:
+    def __call__(self, name: str, terms: Terms) -> None:
         values = torch.stack([t.detach().float() for t in terms.values()])
         fresh = (self.first < 0) & ~torch.isfinite(values).all()
         self.first.copy_(torch.where(fresh, self.count, self.first))
@@ -144,8 +154,8 @@ class FiniteWatch:
         )
 
 
-class Updater:
-    """Runs each update: eagerly, or, with `graphs`, `GRAPH_WARMUP` times eagerly on a side stream, then captured
+class Graphed:
+    """Runs each update eagerly, or with `graphs` `GRAPH_WARMUP` times eagerly on a side stream, then captured
     once as a CUDA graph and replayed. Replaying launches the update's hundreds of kernels in one call; the
     inputs are read from the same tensors every time, which `draw(..., static=True)` refills."""
 
@@ -175,34 +185,6 @@ class Updater:
         return terms
 
 
-def _make_step(
-    update: Update,
-    nets: dict[str, nn.Module],
-    train_nets: dict[str, nn.Module],
-    optimiser: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    watch: FiniteWatch,
-    inputs: Inputs,
-    cfg: Config,
-) -> Callable[[], Terms]:
-    """The update as one call: the networks that learn are the trainable (DDP/compiled) ones, the others plain."""
-    called = {k: train_nets[k] if k in update.learns else net for k, net in nets.items()}
-
-    def step() -> Terms:
-        set_trainable(nets, update.learns)
-        with autocast():
-            loss, terms = update.loss(called, inputs, cfg)
-        optimiser.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimiser)
-        scaler.update()
-        watch.observe(update.name, terms)
-        return terms
-
-    return step
-
-
 def _use_graphs(cfg: Config, device: torch.device, distributed: bool, amp_dtype: torch.dtype) -> bool:
     """CUDA graphs where they are safe: one CUDA process, no compile, no fp16 loss scaling (host-side state)."""
     single_cuda = device.type == "cuda" and not distributed
@@ -215,39 +197,19 @@ def _all_finite(nets: dict[str, nn.Module]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def _progress_picture(nets, cfg: Config, fixed_z, fixed_x, device, out: Path, it: int) -> None:
-    """Fixed-noise samples (G with recalibrated statistics) and reconstructions of fixed real volumes."""
-    import matplotlib.pyplot as plt
-
-    from alphagan.viz import three_plane_grid
-
-    G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
-    with torch.no_grad():
-        groups = {"samples": list(G(fixed_z.to(device)).float().cpu())}
-    if "E" in nets:
-        groups["real"] = list(fixed_x)
-        groups["reconstructions"] = list(reconstruct(nets["E"], nets["G"], fixed_x.to(device)).float().cpu())
-    fig = three_plane_grid(groups, title=f"{cfg.model}, iteration {it}")
-    (out / "samples").mkdir(exist_ok=True)
-    fig.savefig(out / "samples" / f"iter_{it:06d}.png", dpi=80)
-    plt.close(fig)
-
-
-def _rng_state(cohort: Cohort, device: torch.device) -> dict:
-    state = {**cohort.state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples")
 
 
-def _claim_run_folder(out: Path, data: str, resume: bool, overwrite: bool) -> None:
+def _claim_run_folder(out: Path, data: str, resume: bool, overwrite: bool, init: str | Path | None) -> None:
     """Refuse to mix two runs in one folder: a new run needs an empty one (or `overwrite`), a resumed run the
-    same data it was trained on."""
+    same data it was trained on; `overwrite` never deletes the checkpoint the run is to start from."""
     out.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
     held = [name for name in RUN_FILES if (out / name).exists()]
+    if overwrite and init is not None and Path(init).resolve().is_relative_to(out.resolve()):
+        raise ValueError(
+            f"{out}: --overwrite would delete {init}, the checkpoint --init starts from; copy it elsewhere or "
+            f"choose another --out"
+        )
     if resume:
         config = out / "config.json"
         saved = json.loads(config.read_text()).get("data") if config.exists() else None
@@ -264,10 +226,10 @@ def _claim_run_folder(out: Path, data: str, resume: bool, overwrite: bool) -> No
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-NETWORK_DEFINING = ("model", "size", "width", "latent", "code_hidden")
+NETWORK_DEFINING = ("model", "size", "width", "latent", "code_hidden", "critic_norm")
 
 
-def _started_from(run: Path) -> str | None:
+def _init_of(run: Path) -> str | None:
     """The checkpoint a run's networks started from (`train(init=...)`), as its config.json records it."""
     config = run / "config.json"
     return json.loads(config.read_text()).get("init") if config.exists() else None
@@ -278,7 +240,7 @@ def _differing(saved: Config, cfg: Config, keys: tuple[str, ...]) -> list[str]:
     return [k for k in keys if getattr(saved, k) != getattr(cfg, k)]
 
 
-def _start_from(init: str | Path, cfg: Config, nets) -> Path:
+def _load_init(init: str | Path, cfg: Config, nets) -> Path:
     """Load the network weights of checkpoint `init` (a file or a folder: its newest) into `nets`; returns the
     checkpoint's absolute path. Its networks must have the shapes of `cfg`'s."""
     path = checkpoint_file(init).resolve()
@@ -292,8 +254,71 @@ def _start_from(init: str | Path, cfg: Config, nets) -> Path:
     return path
 
 
-def _restore(state: dict, cfg: Config, nets, optimisers_, cohort: Cohort, device, rank: int, path: Path) -> int:
-    """Load a checkpoint's networks, optimisers and random states; returns its iteration."""
+@dataclass
+class Run:
+    """What a training run holds while it runs: where it writes, its device and processes, its networks and
+    optimisers, its cohort (which owns the run's random generator), and where it started."""
+
+    cfg: Config
+    out: Path
+    data: str
+    device: torch.device
+    rank: int
+    world: int
+    nets: dict[str, nn.Module]  # the plain modules: frozen, no_grad and checkpoints use these
+    train_nets: dict[str, nn.Module]  # what a learning network is called as (DDP- or compile-wrapped)
+    opts: dict[str, torch.optim.Optimizer]
+    cohort: Cohort
+    fov_mm: float
+    start: int
+    fixed_z: torch.Tensor  # the same noise and real volumes in every progress picture
+    fixed_x: torch.Tensor
+    inputs: Inputs = field(default_factory=dict)  # what the updates draw, shared between them
+    watch: FiniteWatch | None = None
+    bar: Any = None  # the progress bar, which shows the last losses
+    since: tuple[float, int] = (0.0, 0)  # clock and iteration of the last log record
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def _processes(cfg: Config) -> tuple[torch.device, int, int]:
+    """Device, rank and world size: one process, or one per GPU under torchrun (DDP)."""
+    device = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def _wrap(nets: dict[str, nn.Module], cfg: Config, device: torch.device, world: int) -> dict[str, nn.Module]:
+    """The networks as a learning update calls them: DDP-wrapped across processes, E and G compiled on request.
+    Frozen networks are called plain, so DDP only ever waits for gradients of the network being updated."""
+    wrapped = dict(nets)
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = {k: DDP(v, device_ids=ids, broadcast_buffers=False) for k, v in nets.items()}
+    if cfg.compile:
+        # Only the generator side: the critics' gradient penalty differentiates twice (create_graph=True), which
+        # torch.compile's autograd does not support (measured: "does not currently support double backward").
+        wrapped = {k: torch.compile(v) if k in ("E", "G") else v for k, v in wrapped.items()}
+    return wrapped
+
+
+def _restore(state: dict, run: Run, path: Path) -> int:
+    """Load a checkpoint's networks, optimisers and random states into `run`; returns its iteration."""
+    cfg = run.cfg
     saved = Config.from_dict(state["config"])
     changed = _differing(saved, cfg, RUN_DEFINING)
     if changed:
@@ -304,19 +329,185 @@ def _restore(state: dict, cfg: Config, nets, optimisers_, cohort: Cohort, device
         )
     if state["iter"] > cfg.iters:
         raise ValueError(f"{path}: the run is at iteration {state['iter']}, beyond --iters {cfg.iters}")
-    for k, net in nets.items():
+    for k, net in run.nets.items():
         net.load_state_dict(state["nets"][k])
-    for k, opt in optimisers_.items():
+    for k, opt in run.opts.items():
         opt.load_state_dict(state["optimisers"][k])
-    rng = state["rng"][rank]
+    rng = state["rng"][run.rank]
     try:
-        cohort.set_state(rng)
+        run.cohort.set_state(rng)
     except (RuntimeError, KeyError) as exc:  # saved on another kind of device: the draws cannot continue exactly
         raise ValueError(f"{path}: its random state is for another device; resume on the device that saved it") from exc
     torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
+    if run.device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
     return int(state["iter"])
+
+
+def _rng_state(run: Run) -> dict:
+    state = {**run.cohort.state(), "torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(run.device)
+    return state
+
+
+def _write_settings(run: Run, resume: bool, init: Path | None) -> None:
+    """config.json (with the data and the starting checkpoint); on resume, the log cut back to the checkpoint."""
+    started = str(init) if init is not None else _init_of(run.out) if resume else None
+    settings = {**run.cfg.to_dict(), "data": run.data, "fov_mm": run.fov_mm, **({"init": started} if started else {})}
+    (run.out / "config.json").write_text(json.dumps(settings, indent=2))
+    log_path = run.out / "metrics.jsonl"
+    if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["iter"] <= run.start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | None, progress: bool) -> Run:
+    """Device and processes, the cohort, the networks and their optimisers, and the state to start from."""
+    device, rank, world = _processes(cfg)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+
+    # Batches, augmentation, noise and penalty weights all come from one generator per rank.
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    volumes, fov_mm = load_training_volumes(
+        data, cfg.size, cfg.n_subjects, seed=cfg.seed, progress=progress and rank == 0
+    )
+    if len(volumes) < cfg.batch:
+        raise ValueError(f"{data}: {len(volumes)} volumes, fewer than one batch of {cfg.batch}")
+    rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    cohort = Cohort(volumes, device, rng, cfg.flip, cfg.intensity, memory_format)
+
+    nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
+    for net in nets.values():
+        net.to(device, memory_format=memory_format)
+    graphs = _use_graphs(cfg, device, world > 1, pick_dtype(cfg.precision, device))
+    # Fused Adam: one pass over each parameter instead of one per arithmetic step; on a CPU the latent-sized
+    # layers (millions of weights, a few multiply-adds each) otherwise spend more time in Adam than in the model.
+    opts = optimisers(nets, UPDATES[cfg.model], cfg, fused=True, capturable=graphs)
+    fixed_z = torch.randn(cfg.n_fixed, cfg.latent, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    run = Run(
+        cfg, out, data, device, rank, world, nets, _wrap(nets, cfg, device, world), opts, cohort, fov_mm, 0,
+        fixed_z, cohort.first(cfg.n_fixed),
+    )  # fmt: skip
+    start_weights = None
+    if resume:
+        path, state = load_latest(run.ckpt_dir, map_location=device)
+        run.start = _restore(state, run, path)
+    elif init is not None:
+        start_weights = _load_init(init, cfg, nets)
+    if run.master:
+        _write_settings(run, resume, start_weights)
+    return run
+
+
+def _updates(run: Run) -> Graphed:
+    """Each update of the model as one call of `steps.run_update`, chosen once before the loop."""
+    cfg, device = run.cfg, run.device
+    amp_dtype = pick_dtype(cfg.precision, device)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+    updates = UPDATES[cfg.model]
+    run.watch = FiniteWatch(device, sum(u.times(cfg) for u in updates), run.start)
+    steps = {}
+    for u in updates:
+        called = {k: run.train_nets[k] if k in u.learns else net for k, net in run.nets.items()}
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        steps[u.name] = partial(run_update, u, called, run.opts[u.name], run.inputs, cfg, scaler, autocast, run.watch)
+    return Graphed(steps, _use_graphs(cfg, device, run.distributed, amp_dtype))
+
+
+def _picture(run: Run, it: int) -> dict[str, float]:
+    """Save fixed-noise samples (G with recalibrated statistics) and reconstructions of fixed real volumes;
+    return how much they differ from each other, relative to how much the fixed real volumes do
+    (`metrics.spread`): near 0, every code gives one volume or every input one reconstruction."""
+    import matplotlib.pyplot as plt
+
+    from alphagan.viz import three_plane_grid
+
+    nets, cfg = run.nets, run.cfg
+    G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
+    with torch.no_grad():
+        samples = G(run.fixed_z.to(run.device)).float().cpu()
+    groups = {"samples": list(samples)}
+    real = metrics.spread(run.fixed_x)
+    spreads = {"sample_spread": metrics.spread(samples) / real}
+    if "E" in nets:
+        rec = reconstruct(nets["E"], nets["G"], run.fixed_x.to(run.device)).float().cpu()
+        groups["real"], groups["reconstructions"] = list(run.fixed_x), list(rec)
+        spreads["rec_spread"] = metrics.spread(rec) / real
+    fig = three_plane_grid(groups, title=f"{cfg.model}, iteration {it}")
+    (run.out / "samples").mkdir(exist_ok=True)
+    fig.savefig(run.out / "samples" / f"iter_{it:06d}.png", dpi=80)
+    plt.close(fig)
+    return spreads
+
+
+def _log(run: Run, done: int, terms: Terms, extra: dict[str, float]) -> None:
+    """One line of metrics.jsonl: every loss term (one sync), the speed since the last line, GPU memory."""
+    run.watch.check(run.ckpt_dir)
+    values = torch.stack([t.detach().float() for t in terms.values()]).tolist()
+    record = {"iter": done, **{k: round(v, 6) for k, v in zip(terms, values)}}
+    record.update({k: round(v, 6) for k, v in extra.items()})
+    record["it_per_s"] = round((done - run.since[1]) / (time.perf_counter() - run.since[0]), 4)
+    if run.device.type == "cuda":
+        record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    run.since = (time.perf_counter(), done)
+    shown = ("loss_d", "loss_eg", "loss_g", "w_dist", "l1")
+    run.bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
+
+
+def _checkpoint(run: Run, it: int) -> None:
+    """An atomic checkpoint of networks, optimisers and every random state (all ranks' under DDP)."""
+    run.watch.check(run.ckpt_dir)
+    own = _rng_state(run)
+    rng_states = [own]
+    if run.distributed:  # every rank's streams, so a resumed multi-GPU run continues each of them
+        for net in run.nets.values():  # running statistics averaged over the ranks
+            for buffer in net.buffers():
+                if buffer.is_floating_point():
+                    dist.all_reduce(buffer)
+                    buffer /= run.world
+        rng_states = [None] * run.world
+        dist.all_gather_object(rng_states, own)
+    if not _all_finite(run.nets):
+        raise TrainingDiverged(f"a weight became NaN or infinite by iteration {it}; no checkpoint written")
+    if run.master:
+        state = {
+            "config": run.cfg.to_dict(),
+            "iter": it,
+            "fov_mm": run.fov_mm,
+            "nets": {k: v.state_dict() for k, v in run.nets.items()},
+            "optimisers": {k: v.state_dict() for k, v in run.opts.items()},
+            "rng": rng_states,
+        }
+        save_checkpoint(run.ckpt_dir, it, state, keep=run.cfg.keep_ckpts)
+
+
+def _after_iteration(run: Run, done: int, terms: Terms) -> None:
+    """Picture, log line and checkpoint, each when it is due."""
+    cfg, last = run.cfg, done == run.cfg.iters
+    picture = run.master and (done % cfg.sample_every == 0 or last)
+    spreads = _picture(run, done) if picture else {}
+    if run.master and (done % cfg.log_every == 0 or last or picture):
+        _log(run, done, terms, spreads)
+    if done % cfg.ckpt_every == 0 or last:
+        _checkpoint(run, done)
+
+
+def _final_samples(run: Run) -> None:
+    """A few NIfTI samples of the finished run."""
+    cfg = run.cfg
+    G = calibrated_generator(run.nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
+    for i, volume in enumerate(generate(G, cfg.n_fixed, cfg.latent, seed=cfg.seed + 2)):
+        save_nifti(volume, run.out / "samples" / f"sample_{i:04d}.nii.gz", run.fov_mm)
 
 
 def train(
@@ -338,160 +529,33 @@ def train(
     from alphagan.progress import tqdm
     from alphagan.viz import use_headless_backend
 
-    cfg = cfg.validate()
-    out = Path(out)
+    cfg, out = cfg.validate(), Path(out)
     data = str(Source.parse(data))  # a cache as its absolute path: the run can be evaluated from anywhere
     use_headless_backend()
-    _claim_run_folder(out, data, resume, overwrite)
+    _claim_run_folder(out, data, resume, overwrite, init)
+    run = _setup(cfg, data, out, resume, init, progress)
+    update = _updates(run)
+    schedule = [(u, u.times(cfg)) for u in UPDATES[cfg.model]]
 
-    # ---- processes, device, precision -------------------------------------------------------------------
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    device = pick_device(cfg.device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    master = rank == 0
-    amp_dtype = pick_dtype(cfg.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
-    graphs = _use_graphs(cfg, device, distributed, amp_dtype)
-
-    # ---- data: batches, augmentation, noise and penalty weights all come from one generator per rank --------
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    volumes, fov_mm = load_training_volumes(data, cfg.size, cfg.n_subjects, seed=cfg.seed, progress=progress and master)
-    if len(volumes) < cfg.batch:
-        raise ValueError(f"{data}: {len(volumes)} volumes, fewer than one batch of {cfg.batch}")
-    rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    cohort = Cohort(volumes, device, rng, cfg.flip, cfg.intensity, memory_format)
-
-    # ---- networks and optimisers -------------------------------------------------------------------------
-    nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden)
-    for net in nets.values():
-        net.to(device, memory_format=memory_format)
-    updates = UPDATES[cfg.model]
-    # Fused Adam: one pass over each parameter instead of one per arithmetic step; on a CPU the latent-sized
-    # layers (millions of weights, a few multiply-adds each) otherwise spend more time in Adam than in the model.
-    opts = optimisers(nets, updates, cfg, fused=True, capturable=graphs)
-    scalers = {u.name: torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16) for u in updates}
-    # `train_nets` are called where a network learns (wrapped for DDP / compile); `nets` are the plain modules
-    # used frozen or under no_grad, so DDP only ever waits for gradients of the network being updated.
-    train_nets = dict(nets)
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        train_nets = {k: DDP(v, device_ids=ids, broadcast_buffers=False) for k, v in nets.items()}
-    if cfg.compile:
-        # Only the generator side: the critics' gradient penalty differentiates twice (create_graph=True), which
-        # torch.compile's autograd does not support (measured: "does not currently support double backward").
-        train_nets = {k: torch.compile(v) if k in ("E", "G") else v for k, v in train_nets.items()}
-
-    # ---- resume -------------------------------------------------------------------------------------------
-    start = 0
-    ckpt_dir = out / "checkpoints"
-    if resume:
-        path, state = load_latest(ckpt_dir, map_location=device)
-        start = _restore(state, cfg, nets, opts, cohort, device, rank, path)
-    elif init is not None:
-        init = _start_from(init, cfg, nets)
-    log_path = out / "metrics.jsonl"
-    if master:
-        config = out / "config.json"
-        started = str(init) if init is not None else _started_from(out) if resume else None
-        settings = {**cfg.to_dict(), "data": data, "fov_mm": fov_mm, **({"init": started} if started else {})}
-        config.write_text(json.dumps(settings, indent=2))
-        if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
-            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["iter"] <= start]
-            log_path.write_text("".join(line + "\n" for line in kept))
-
-    # ---- the update steps, chosen once -------------------------------------------------------------------
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-
-    schedule = [(u, u.times(cfg)) for u in updates]
-    watch = FiniteWatch(device, sum(n for _, n in schedule), start)
-    inputs: Inputs = {}
-    run = Updater(
-        {
-            u.name: _make_step(u, nets, train_nets, opts[u.name], scalers[u.name], autocast, watch, inputs, cfg)
-            for u in updates
-        },
-        graphs,
-    )
-    # Fixed noise and fixed real volumes: the same every time a progress picture is drawn.
-    fixed_z = torch.randn(cfg.n_fixed, cfg.latent, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    fixed_x = cohort.first(cfg.n_fixed)
-
-    def checkpoint(it: int) -> None:
-        watch.check(ckpt_dir)
-        rng_state = _rng_state(cohort, device)
-        rng_states = [rng_state]
-        if distributed:  # every rank's streams, so a resumed multi-GPU run continues each of them
-            for net in nets.values():  # running statistics averaged over the ranks
-                for buffer in net.buffers():
-                    if buffer.is_floating_point():
-                        dist.all_reduce(buffer)
-                        buffer /= world
-            rng_states = [None] * world
-            dist.all_gather_object(rng_states, rng_state)
-        if not _all_finite(nets):
-            raise TrainingDiverged(f"a weight became NaN or infinite by iteration {it}; no checkpoint written")
-        if master:
-            state = {
-                "config": cfg.to_dict(),
-                "iter": it,
-                "fov_mm": fov_mm,
-                "nets": {k: v.state_dict() for k, v in nets.items()},
-                "optimisers": {k: v.state_dict() for k, v in opts.items()},
-                "rng": rng_states,
-            }
-            save_checkpoint(ckpt_dir, it, state, keep=cfg.keep_ckpts)
-
-    def log(done: int, terms: Terms, since: tuple[float, int]) -> None:
-        watch.check(ckpt_dir)
-        values = torch.stack([t.detach().float() for t in terms.values()]).tolist()  # one sync
-        record = {"iter": done, **{k: round(v, 6) for k, v in zip(terms, values)}}
-        record["it_per_s"] = round((done - since[1]) / (time.perf_counter() - since[0]), 4)
-        if device.type == "cuda":
-            record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss_d", "loss_eg", "loss_g", "w_dist", "l1") if k in record})
-
-    # ---- the loop -------------------------------------------------------------------------------------------
-    quiet = not (progress and master)
-    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=cfg.model, disable=quiet)
-    since = (time.perf_counter(), start)
-    for it in bar:
+    run.bar = tqdm(range(run.start, cfg.iters), initial=run.start, total=cfg.iters, desc=cfg.model,
+                   disable=not (progress and run.master))  # fmt: skip
+    run.since = (time.perf_counter(), run.start)
+    for it in run.bar:
         terms: Terms = {}
-        for update, repeats in schedule:
+        for u, repeats in schedule:
             for _ in range(repeats):
-                draw(update.draws, inputs, cohort, cfg, static=graphs)
-                terms.update(run(update.name))
-        done = it + 1
-        if master and (done % cfg.log_every == 0 or done == cfg.iters):
-            log(done, terms, since)
-            since = (time.perf_counter(), done)
-        if master and (done % cfg.sample_every == 0 or done == cfg.iters):
-            _progress_picture(nets, cfg, fixed_z, fixed_x, device, out, done)
-        if done % cfg.ckpt_every == 0 or done == cfg.iters:
-            checkpoint(done)
+                draw(u.draws, run.inputs, run.cohort, cfg, static=update.graphs)
+                terms.update(update(u.name))
+        _after_iteration(run, it + 1, terms)
         if after_iteration is not None:
-            after_iteration(done)
+            after_iteration(it + 1)
 
-    # ---- final samples ---------------------------------------------------------------------------------------
-    if master and start < cfg.iters:
-        G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
-        for i, volume in enumerate(generate(G, cfg.n_fixed, cfg.latent, seed=cfg.seed + 2)):
-            save_nifti(volume, out / "samples" / f"sample_{i:04d}.nii.gz", fov_mm)
-    if distributed:
+    if run.master and run.start < cfg.iters:
+        _final_samples(run)
+    if run.distributed:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(out, nets, cfg, fov_mm)
+    return TrainResult(out, run.nets, cfg, run.fov_mm)
 
 
 def train_or_reuse(
@@ -514,17 +578,17 @@ def train_or_reuse(
         config = folder / "config.json"
         if not (path.exists() and config.exists()) or json.loads(config.read_text()).get("data") != source:
             continue
-        if _started_from(folder) != started:
+        if _init_of(folder) != started:
             continue
         state = load_checkpoint(path)
         saved = Config.from_dict(state["config"])
         if not _differing(saved, cfg, RUN_DEFINING):
-            nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden)
+            nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
             device = pick_device(cfg.device)
             for k, net in nets.items():
                 net.load_state_dict(state["nets"][k])
                 net.to(device)
             print(f"{cfg.model}: reusing the finished run in {folder} (iteration {cfg.iters})")
             return TrainResult(folder, nets, cfg, float(state["fov_mm"]))
-    resume = latest_checkpoint(Path(out) / "checkpoints") is not None and _started_from(Path(out)) == started
+    resume = latest_checkpoint(Path(out) / "checkpoints") is not None and _init_of(Path(out)) == started
     return train(cfg, data, out, resume=resume, overwrite=not resume, init=init)

@@ -185,6 +185,41 @@ def describe_curves(records: Sequence[dict]) -> list[str]:
     return lines
 
 
+SPREADS = {"sample_spread": "fixed-noise samples", "rec_spread": "reconstructions of fixed real volumes"}
+
+
+def spread_curves(runs: dict[str, Sequence[dict]], title: str | None = None):
+    """How much a run's samples and reconstructions differ from each other, relative to real volumes, against the
+    iteration (the `sample_spread` and `rec_spread` of its log), one line per run. 1 is real volumes' spread."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SPREADS), figsize=(5 * len(SPREADS), 2.8), squeeze=False)
+    for ax, (key, what) in zip(axes.flat, SPREADS.items()):
+        for name, records in runs.items():
+            points = [(r["iter"], r[key]) for r in records if key in r]
+            ax.plot(*zip(*points), marker=".", lw=1, label=name)
+        ax.axhline(1.0, color="0.5", lw=0.8, ls="--", label="real volumes")
+        ax.set_title(f"spread of {what}", fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_ylim(bottom=0)
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def compare_spreads(runs: dict[str, Sequence[dict]]) -> list[str]:
+    """`spread_curves` in sentences: each spread of each run at the last iteration they all logged."""
+    last = min(max(r["iter"] for r in records if "rec_spread" in r) for records in runs.values())
+    lines = []
+    for key, what in SPREADS.items():
+        values = {name: next(r[key] for r in records if r["iter"] == last) for name, records in runs.items()}
+        said = ", ".join(f"{v:.2f}× ({name})" for name, v in values.items())
+        lines.append(f"iteration {last}, {what}: they differ from each other {said} as much as real volumes do.")
+    return lines
+
+
 def _png(image: np.ndarray, cmap: str, vmin: float, vmax: float, scale: int) -> bytes:
     """A slice as PNG bytes, each voxel drawn as a `scale` x `scale` square."""
     from matplotlib import colormaps
@@ -362,3 +397,47 @@ def three_plane_grid(groups: dict[str, Sequence], title: str | None = None, vmin
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------------------ notebook 02
+def layer_shapes(net, x) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, layer type, output shape, parameters) for every leaf layer of `net` on input `x` (notebook 02)."""
+    import torch
+
+    rows: list[tuple[str, str, tuple[int, ...], int]] = []
+    hooks = []
+    for name, module in net.named_modules():
+        if len(list(module.children())) == 0:
+
+            def hook(mod, _inputs, output, name=name):
+                rows.append((name, type(mod).__name__, tuple(output.shape), sum(p.numel() for p in mod.parameters())))
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            net.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train()
+    return rows
+
+
+def compare_upsampling(channels: int = 4, size: int = 8, seed: int = 0):
+    """Upsample one smooth random volume x2 with a transposed convolution and with resize-convolution.
+
+    Both use random weights with the same initialisation; the transposed convolution's kernel overlaps
+    unevenly (kernel 4, stride 2), which prints a checkerboard on any input, while nearest upsampling followed
+    by a 3^3 convolution treats every output voxel alike (Odena et al., 2016). Notebook 02 shows both.
+    """
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.ones(1, channels, size, size, size) + 0.1 * torch.randn(1, channels, size, size, size, generator=g)
+    transposed = nn.ConvTranspose3d(channels, 1, 4, 2, 1, bias=False)
+    resize = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(channels, 1, 3, 1, 1, bias=False))
+    with torch.no_grad():
+        transposed.weight.copy_(torch.randn(transposed.weight.shape, generator=g) * 0.02)
+        resize[1].weight.copy_(torch.randn(resize[1].weight.shape, generator=g) * 0.02)
+        return transposed(x)[0, 0], resize(x)[0, 0]

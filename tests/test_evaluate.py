@@ -110,19 +110,31 @@ def test_conclusions_follow_the_numbers():
         },
     }
     lines = conclusions(results)
-    assert lines[0] == "Lowest MMD in the paper's form: a; lowest Gaussian MMD²: b."
-    assert "more alike than real pairs" in lines[1] and "is closer to its training volumes" in lines[1]
+    assert lines[0] == "Closest to the real data by the Gaussian-kernel MMD²: b; by the paper's MMD: a."
+    assert lines[1].startswith("a: collapsed: its volumes are more alike than real pairs (MS-SSIM 0.950 > 0.850)")
+    assert "is closer to its training volumes" in lines[1]
     assert "vary more than real pairs" in lines[2]
     assert "about as diverse" in lines[3] and "no closer" in lines[3]
     # A model whose volumes are not brain-shaped is named, not judged, and left out of the comparison.
     results["models"]["a"].update(brain_overlap=0.80, brain_shaped=False)
     lines = conclusions(results)
     assert lines[0].startswith("a: not judged") and "0.800, below the lowest real volume's 0.890" in lines[0]
-    assert lines[1] == "Lowest MMD in the paper's form: b; lowest Gaussian MMD²: b (among the brain-shaped models)."
+    ranked = "Closest to the real data by the Gaussian-kernel MMD²: b; by the paper's MMD: b"
+    assert lines[1] == ranked + " (among the brain-shaped models)."
     assert not any(line.startswith("a:") for line in lines[1:])
     for row in results["models"].values():
         row["brain_shaped"] = False
     assert len(conclusions(results)) == 3 and all("not judged" in line for line in conclusions(results))
+    # The paper's Fig. 3c: a smaller code against the paper's 1000, from MS-SSIM.
+    sweep = {"real": results["real"], "models": {
+        f"alpha-wgan-gp z{z}": {"mmd": 1.0, "mmd_gaussian": 0.1, "ms_ssim": m, **shaped}
+        for z, m in ((100, 0.90), (1000, 0.85), (2048, 0.84))
+    }}  # fmt: skip
+    latent = [line for line in conclusions(sweep) if line.startswith("latent")]
+    assert latent == [
+        "latent 100: less diverse than latent 1000 (MS-SSIM 0.900 against 0.850).",
+        "latent 2048: at least as diverse as latent 1000 (MS-SSIM 0.840 against 0.850).",
+    ]
     gain = AugmentationResult([0.70, 0.72, 0.71], [0.80, 0.81, 0.80]).conclusion()
     assert "above chance" in gain and "not clearly" not in gain and "a gain beyond twice its spread" in gain
     noise = AugmentationResult([0.50, 0.55, 0.45], [0.55, 0.45, 0.50]).conclusion()

@@ -201,3 +201,34 @@ def test_course_checks_its_selection_before_creating_anything(tmp_path, capsys):
     for only in ("99", ","):
         _fails(capsys, ["course", "--profile", "smoke", "--only", only, "--out", str(tmp_path / "c")], "--only")
     assert not (tmp_path / "c").exists()
+
+
+def test_overwrite_never_deletes_the_checkpoint_init_starts_from(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    before = _snapshot(run)
+    argv = ["train", "--data", "synth", "--out", str(run), *TRAIN, "--overwrite", "--init", str(run / "checkpoints")]
+    _fails(capsys, argv, "--overwrite would delete", "the checkpoint --init starts from")
+    assert _snapshot(run) == before  # byte for byte
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["synth", "--out", "x", "--n", "0"], "--n: must be at least 1, got 0"),
+        (["evaluate", "--real", "synth", "--checkpoint", "c", "--out", "x", "--n", "-4"], "--n: must be at least 2"),
+        (["evaluate", "--real", "synth", "--checkpoint", "c", "--out", "x", "--pairs", "0"], "--pairs: must be at"),
+        (["evaluate", "--real", "synth", "--checkpoint", "c", "--out", "x", "--n-anatomy", "-1"], "--n-anatomy: must"),
+    ],
+)
+def test_counts_are_refused_when_the_arguments_are_parsed(tmp_path, capsys, argv, phrase):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and phrase in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
+    _fails(capsys, ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN[:4], "--device", "cuda"],
+           "--device cuda: no CUDA GPU here", "use --device cpu or auto")  # fmt: skip

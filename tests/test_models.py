@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alphagan.models import (
@@ -125,7 +126,7 @@ def test_networks_per_model():
 
 
 def test_transposed_convolution_prints_a_checkerboard_and_resize_convolution_does_not():
-    from alphagan.models import compare_upsampling
+    from alphagan.viz import compare_upsampling
 
     for seed in range(3):
         transposed, resized = compare_upsampling(seed=seed)
@@ -134,3 +135,28 @@ def test_transposed_convolution_prints_a_checkerboard_and_resize_convolution_doe
         contrast_t = (t[0::2] - t[1::2]).abs().mean() / t.abs().mean()
         contrast_r = (r[0::2] - r[1::2]).abs().mean() / r.abs().mean()
         assert contrast_t > 5 * contrast_r
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_a_layer_normalised_or_plain_critic_scores_each_volume_on_its_own(norm):
+    # The reason for critic_norm (docs/method.md, section 7): with BatchNorm a volume's score depends on the
+    # rest of its batch, so a batch of near-identical samples is normalised like a varied one.
+    torch.manual_seed(0)
+    D = Discriminator(16, 2, norm).train()
+    x = torch.randn(4, 1, 16, 16, 16)
+    together, alone = D(x), torch.cat([D(x[i : i + 1]) for i in range(4)])
+    assert torch.allclose(together, alone, atol=1e-6) == (norm != "batch")
+    # BatchNorm and layer normalisation carry a weight and a bias per channel; none carries nothing.
+    per_norm = 0 if norm == "none" else 2 * 4
+    assert count_parameters(D) == _formula_discriminator(16, 2) - 2 * 4 + per_norm
+
+
+def test_layer_normalisation_is_torchs_layer_norm_over_each_sample():
+    torch.manual_seed(0)
+    D = Discriminator(16, 2, "layer")
+    norm = D.trunk[3]
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    h = torch.randn(3, 4, 4, 4, 4)
+    expected = F.layer_norm(h, h.shape[1:], eps=norm.eps) * norm.weight.view(1, -1, 1, 1, 1)
+    assert torch.allclose(norm(h), expected + norm.bias.view(1, -1, 1, 1, 1), atol=1e-5)

@@ -178,3 +178,25 @@ def test_a_run_starts_from_the_weights_of_another(tmp_path):
     assert train_or_reuse(still, "synth", tmp_path / "y", reuse=(tmp_path / "05",)).out == tmp_path / "y"
     with pytest.raises(ValueError, match="ckpt_00000004.pt: its networks differ from this run's \\(width 4 != 8"):
         train(cfg.replace(width=8), "synth", tmp_path / "wide", progress=False, init=start)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_train_runs_the_update_notebook_03_teaches(tmp_path, model):
+    # Two iterations written out as notebook 03 writes them (draw, then run_update, in the table's order) end
+    # with the same weights, bit for bit, as train() on the same seed: the loop runs this function, no copy.
+    cfg = make_config("smoke", model, **{**SMOKE, "iters": 2})
+    trained = train(cfg, "synth", tmp_path / "run", progress=False)
+    torch.manual_seed(cfg.seed)
+    volumes, _ = synthetic_volumes(cfg.n_subjects, cfg.size, seed=cfg.seed)
+    nets = build_networks(model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
+    cohort = Cohort(volumes, torch.device("cpu"), torch.Generator().manual_seed(cfg.seed * 1000), cfg.flip,
+                    cfg.intensity)  # fmt: skip
+    opts, inputs = optimisers(nets, UPDATES[model], cfg, fused=True), {}
+    for _ in range(cfg.iters):
+        for update in UPDATES[model]:
+            for _ in range(update.times(cfg)):
+                draw(update.draws, inputs, cohort, cfg)
+                run_update(update, nets, opts[update.name], inputs, cfg)
+    for k, net in nets.items():
+        for (name, a), b in zip(net.state_dict().items(), trained.nets[k].state_dict().values()):
+            assert torch.equal(a, b), f"{model}: {k}.{name}"

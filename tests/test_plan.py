@@ -1,0 +1,62 @@
+"""The course fits the machine: the runner's plan, `--minutes` scaling, the floor, and what reaches the notebooks."""
+
+from pathlib import Path
+
+import pytest
+
+from alphagan import course
+from alphagan.cli import main
+from alphagan.config import course_settings, make_config
+
+
+def test_the_plan_lists_every_training_run_the_notebooks_make():
+    runs = course.training_runs("cpu")
+    cfg, settings = make_config("cpu"), course_settings("cpu")
+    assert [len(runs[nb]) for nb in ("03", "04", "05", "06")] == [2, 5, 3, 2]  # 04: 3 baselines + z100, z2048
+    assert {(r.model, r.latent) for r in runs["04"]} == {
+        ("alpha-gan", 1000), ("wgan-gp", 1000), ("vae-gan", 1000), ("alpha-wgan-gp", 100), ("alpha-wgan-gp", 2048)
+    }  # fmt: skip
+    assert runs["03"][0].iters == runs["04"][0].iters == cfg.iters
+    assert runs["05"][0].iters == settings.diseased_iters and not runs["05"][0].from_scratch  # fine-tuned
+
+
+@pytest.fixture
+def half_a_second(monkeypatch):
+    """Every iteration costs 0.5 s: the plan's arithmetic without timing anything."""
+    monkeypatch.setattr(course, "seconds_per_iteration", lambda profile, model, latent: 0.5)
+
+
+def test_minutes_scale_every_notebooks_iterations(half_a_second):
+    plan = course.plan_course("cpu")
+    iterations = 2 * 1000 + 5 * 1000 + 3 * 200 + 2 * 200
+    assert sum(plan.minutes(nb) for nb in plan.runs) == pytest.approx(iterations * 0.5 / 60)
+    scaled = course.plan_course("cpu", minutes=100)
+    factor = 100 / (iterations * 0.5 / 60)
+    assert scaled.iters("03") == scaled.iters("04") == int(1000 * factor)  # 04 still reuses 03's run
+    assert scaled.iters("05") == int(200 * factor)
+    assert sum(scaled.minutes(nb) for nb in scaled.runs) == pytest.approx(100, rel=0.01)
+    assert scaled.parameters("03") == {"iters": int(1000 * factor), "compare_iters": int(1000 * factor)}
+
+
+def test_below_the_floor_the_runner_refuses_and_says_how_many_minutes_would_do(half_a_second, capsys):
+    assert main(["course", "--profile", "cpu", "--minutes", "10", "--only", "03,04"]) == 1
+    err = capsys.readouterr().err
+    # 03 and 04: 7 runs of 1000 iterations at 0.5 s = 58.3 minutes; the floor of 800 needs 0.8 of them.
+    assert "below the cpu profile's floor of 800" in err and "give --minutes 47 or more" in err
+    with pytest.raises(SystemExit):
+        main(["course", "--minutes", "0"])
+
+
+def test_the_scaled_iterations_reach_the_notebooks_and_the_summary(half_a_second, monkeypatch, tmp_path):
+    import papermill
+
+    seen = {}
+    monkeypatch.setattr(
+        papermill, "execute_notebook", lambda src, dst, **kw: seen.update({Path(src).name[:2]: kw["parameters"]})
+    )
+    assert main(["course", "--profile", "cpu", "--minutes", "100", "--only", "02,03,04", "--out", str(tmp_path)]) == 0
+    iters = course.plan_course("cpu", minutes=100, only=["02", "03", "04"]).iters("03")
+    assert seen["03"]["iters"] == seen["03"]["compare_iters"] == seen["04"]["iters"] == iters
+    assert "iters" not in seen["02"]  # trains nothing
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"| 03_training.ipynb | 0.0 | {iters} |" in summary
