@@ -7,7 +7,26 @@ import json
 import sys
 from pathlib import Path
 
-from alphagan.config import MODELS, PROFILES
+from alphagan.config import MODELS, PROFILES, Config
+
+# The `train` options that set a Config field of the same name, with their help texts.
+TRAIN_SETTINGS = {
+    "size": "edge of the cubic volumes; a cache's own size when --data is a cache",
+    "width": "channels of the first convolution block",
+    "latent": "size of the latent code",
+    "batch": "volumes per batch",
+    "iters": "iterations in all (with --resume: the new total)",
+    "seed": "seed of the weights, batches and noise",
+    "lr": "Adam's learning rate, all networks",
+    "lambda_rec": "weight of the reconstruction term (the paper: 10)",
+    "critic_norm": "normalisation in the image critic: batch (the paper's), layer or none",
+    "g_steps": "encoder+generator updates per iteration",
+    "d_steps": "critic updates per iteration",
+    "n_subjects": "size of the synthetic cohort (--data synth...)",
+    "log_every": "iterations between lines of metrics.jsonl",
+    "sample_every": "iterations between progress pictures",
+    "ckpt_every": "iterations between checkpoints",
+}
 
 
 def _size(text: str) -> int:
@@ -50,26 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from alphagan.data.dataset import Source
     from alphagan.train import TrainingDiverged, train
 
-    overrides = {
-        k: getattr(args, k)
-        for k in (
-            "size",
-            "width",
-            "latent",
-            "batch",
-            "iters",
-            "seed",
-            "lr",
-            "precision",
-            "device",
-            "g_steps",
-            "d_steps",
-            "n_subjects",
-            "log_every",
-            "sample_every",
-            "ckpt_every",
-        )
-    }
+    overrides = {name: getattr(args, name) for name in (*TRAIN_SETTINGS, "precision", "device")}
     overrides.update(channels_last=args.channels_last or None, compile=args.compile or None)
     source = Source.parse(args.data)
     if overrides["size"] is None and not source.synthetic and (source.cache / "settings.json").exists():
@@ -183,22 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the run folder: config.json, metrics.jsonl, checkpoints, samples")
     p.add_argument("--model", choices=MODELS, default="alpha-wgan-gp", help="default: alpha-wgan-gp")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu on a CUDA GPU, else cpu")
-    for name, kind, text in (
-        ("size", int, "edge of the cubic volumes; a cache's own size when --data is a cache"),
-        ("width", int, "channels of the first convolution block"),
-        ("latent", int, "size of the latent code"),
-        ("batch", int, "volumes per batch"),
-        ("iters", int, "iterations in all (with --resume: the new total)"),
-        ("seed", int, "seed of the weights, batches and noise"),
-        ("lr", float, "Adam's learning rate, all networks"),
-        ("g-steps", int, "encoder+generator updates per iteration"),
-        ("d-steps", int, "critic updates per iteration"),
-        ("n-subjects", int, "size of the synthetic cohort (--data synth...)"),
-        ("log-every", int, "iterations between lines of metrics.jsonl"),
-        ("sample-every", int, "iterations between progress pictures"),
-        ("ckpt-every", int, "iterations between checkpoints"),
-    ):
-        p.add_argument(f"--{name}", type=kind, default=None, help=f"{text}; default: the profile's")
+    for name, text in TRAIN_SETTINGS.items():  # each typed like its Config field
+        kind = type(getattr(Config(), name))
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text}; default: the profile's")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--channels-last", action="store_true")

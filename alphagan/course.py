@@ -105,7 +105,7 @@ def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str
     return runs
 
 
-def seconds_per_iteration(profile: str, model: str, latent: int, warmup: int = 2, timed: int = 3) -> float:
+def seconds_per_iteration(profile: str, model: str, latent: int, warmup: int = 1, timed: int = 2) -> float:
     """Seconds of one training iteration of `model` at `profile`'s settings on this machine, timed on random
     volumes with the update `train()` runs (after `warmup` untimed iterations)."""
     import numpy as np

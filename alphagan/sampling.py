@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from alphagan.checkpoint import load_checkpoint
 from alphagan.config import Config
@@ -30,19 +31,11 @@ from alphagan.models import Generator
 def recalibrate_batchnorm(
     generator: nn.Module, latent: int, batch: int = 8, batches: int = 32, seed: int = 0
 ) -> nn.Module:
-    """Replace every BatchNorm's running mean and variance by their average over N(0, I) code batches."""
+    """Replace every BatchNorm's running mean and variance by their average over N(0, I) code batches
+    (`torch.optim.swa_utils.update_bn`: statistics reset, then a cumulative average over the batches)."""
     device = next(generator.parameters()).device
-    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch counts the same
     gen = torch.Generator().manual_seed(seed)
-    generator.train()
-    for _ in range(batches):
-        generator(torch.randn(batch, latent, generator=gen).to(device))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+    update_bn([torch.randn(batch, latent, generator=gen) for _ in range(batches)], generator, device=device)
     return generator.eval()
 
 

@@ -251,3 +251,20 @@ def test_bf16_autocast_keeps_every_term_finite(tmp_path):
     train(make_config("smoke", **{**SMOKE, "precision": "bf16"}), "synth", tmp_path, progress=False)
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(np.isfinite(v) for v in last.values()) and last["gp_d"] > 0
+
+
+def test_recalibrated_statistics_are_the_average_over_code_batches():
+    # Computed by hand for G's first BatchNorm: the mean over 32 batches of N(0, I) codes of each batch's
+    # per-channel mean and unbiased variance of the stem's output.
+    torch.manual_seed(0)
+    G = Generator(16, 4, 8)
+    G.net[1].running_mean.fill_(5.0)  # stale statistics, to be replaced
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        stems = [G.net[0](torch.randn(4, 8, generator=gen).view(4, 8, 1, 1, 1)) for _ in range(32)]
+    means = torch.stack([h.mean((0, 2, 3, 4)) for h in stems]).mean(0)
+    variances = torch.stack([h.transpose(0, 1).flatten(1).var(1) for h in stems]).mean(0)
+    calibrated = calibrated_generator(G, 8, batch=4, batches=32, seed=3)
+    assert torch.allclose(calibrated.net[1].running_mean, means, atol=1e-6)
+    assert torch.allclose(calibrated.net[1].running_var, variances, atol=1e-5)
+    assert not calibrated.training and G.net[1].running_mean[0] == 5.0  # a copy, in eval mode
