@@ -21,7 +21,6 @@ hold identical networks and the saved statistics have seen every process's data.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -408,10 +407,7 @@ def _updates(run: Run) -> Graphed:
     """Each update of the model as one call of `steps.run_update`, chosen once before the loop."""
     cfg, device = run.cfg, run.device
     amp_dtype = pick_dtype(cfg.precision, device)
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-
+    autocast = partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     updates = UPDATES[cfg.model]
     run.watch = FiniteWatch(device, sum(u.times(cfg) for u in updates), run.start)
     steps = {}

@@ -1,7 +1,8 @@
 """Why the paper's alpha-WGAN-GP collapses at the `cpu` profile: the paper as written against one change at a time.
 
 Each variant trains the alpha-WGAN-GP on the synthetic cohort (`cpu` profile: 32^3, width 16, latent 1000,
-batch 4, 128 subjects) for `--iters`, once per seed, and is measured at every `--at` iteration against held-out
+batch 4, 128 subjects) with the paper's settings (`config.as_written`) and the variant's changes, for `--iters`,
+once per seed, and is measured at every `--at` iteration against held-out
 subjects, as `evaluate` measures it:
 
 - diversity: voxel std across generated volumes / across real ones, and MS-SSIM of generated pairs minus that
@@ -48,10 +49,11 @@ def run_dir(out: Path, variant: str, seed: int) -> Path:
 
 def train_one(variant: str, seed: int, iters: int, at: list[int], out: Path) -> None:
     """Train one variant and seed (a checkpoint at every `at`), reusing a finished run, then measure it."""
-    from alphagan.config import make_config
+    from alphagan.config import as_written, make_config
     from alphagan.train import train_or_reuse
 
-    cfg = make_config("cpu", seed=seed, iters=iters, ckpt_every=min(at), keep_ckpts=iters, **VARIANTS[variant])
+    paper = as_written(make_config("cpu", seed=seed, iters=iters, ckpt_every=min(at), keep_ckpts=iters))
+    cfg = paper.replace(**VARIANTS[variant])  # one change at a time, from the paper's own settings
     run = run_dir(out, variant, seed)
     started = time.perf_counter()
     train_or_reuse(cfg, "synth", run)
