@@ -133,9 +133,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         ckpt_every=2,
         n_fixed=2,
     ),
-    # A laptop or a CI-sized machine: blurry but brain-shaped samples after 1 000 iterations. At 300 the samples
-    # are still head-sized blobs (anatomy.brain_shape: overlap 0.84 against 0.89 for the least typical real brain);
-    # by 800-1000 they pass (0.91, 0.925). How long that takes here: the course runner's plan.
+    # A laptop or a CI-sized machine: blurry but brain-shaped samples after 1 000 iterations. The paper as written
+    # made head-sized blobs at 300 (anatomy.brain_shape: overlap 0.84 against 0.89 for the least typical real
+    # brain) and passed by 800-1000 (0.91, 0.925); with LEARNS, 0.917 at 1 000 (bench/ablation.json). How long
+    # that takes here: the course runner's plan.
     "cpu": dict(
         size=32,
         width=16,
