@@ -90,15 +90,12 @@ def measure(run: Path, iteration: int, n: int = 48, pairs: int = 200) -> dict[st
     x = torch.from_numpy(np.array(real[:8], dtype=np.float32))[:, None]
     rec = reconstruct(nets["E"], nets["G"], x)
 
-    def spread(v) -> float:
-        return float(np.asarray(v, dtype=np.float64).std(0).mean())
-
     ms_fake, _ = metrics.diversity(fake, pairs, seed=0)
     ms_real, _ = metrics.diversity(real, pairs, seed=0)
     return {
-        "voxel std ×": spread(fake) / spread(real),
+        "voxel std ×": metrics.spread(fake) / metrics.spread(real),
         "MS-SSIM − real": ms_fake - ms_real,
-        "rec. spread ×": spread(rec.numpy()) / spread(x.numpy()),
+        "rec. spread ×": metrics.spread(rec) / metrics.spread(x),
         "rec. L1": float((rec - x).abs().mean()),
         "Gaussian MMD²": metrics.mmd_gaussian(real, fake)[0],
         "brain overlap": anatomy.brain_shape(fake, real).generated_median,
