@@ -1,4 +1,4 @@
-"""`python -m alphagan COMMAND ...`: synth, prepare, train, sample, evaluate, course."""
+"""`python -m alphagan COMMAND ...`: synth, prepare, train, sample, evaluate, course, results."""
 
 from __future__ import annotations
 
@@ -30,16 +30,23 @@ TRAIN_SETTINGS = {
 
 
 def _size(text: str) -> int:
-    """`64` or `1mm` (the template's native grid, 0 internally)."""
+    """`64` or `1mm` (the template's native grid, 0 internally): a cube edge from 8 to 256."""
     if text.lower() in ("1mm", "native", "0"):
         return 0
-    return int(text)
+    size = int(text)
+    if not 8 <= size <= 256:
+        # A subject is made at this size in float32 several times over: 256³ is already ~0.3 GB per array.
+        raise argparse.ArgumentTypeError(f"must be from 8 to 256 (or 1mm), got {size}")
+    return size
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from alphagan.data.synth import make_cohort
 
-    out = make_cohort(args.out, args.n, size=args.size, kind=args.kind, contrast=args.contrast, seed=args.seed)
+    out = make_cohort(
+        args.out, args.n, size=args.size, kind=args.kind, contrast=args.contrast, seed=args.seed,
+        overwrite=args.overwrite,
+    )  # fmt: skip
     print(f"wrote {args.n} subjects and participants.tsv to {out}")
     return 0
 
@@ -86,21 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from alphagan.sampling import write_samples
 
-    from alphagan.sampling import generate, load_generator, save_nifti
-    from alphagan.train import pick_device
-    from alphagan.viz import use_headless_backend, volume_grid
-
-    use_headless_backend()
-    G, cfg, state = load_generator(args.checkpoint, str(pick_device()), seed=args.seed)
-    volumes = generate(G, args.n, cfg.latent, seed=args.seed)
-    out = Path(args.out)
-    for i, volume in enumerate(volumes):
-        save_nifti(volume, out / f"sample_{i:04d}.nii.gz", state["fov_mm"])
-    volume_grid(list(volumes[:32]), title=f"{cfg.model}, iteration {state['iter']}").savefig(
-        out / "samples.png", dpi=90
-    )
-    print(f"wrote {args.n} NIfTI volumes and samples.png to {out}")
+    out, cfg, state = write_samples(args.checkpoint, args.out, args.n, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.n} NIfTI volumes of {cfg.model} (iteration {state['iter']}) and samples.png to {out}")
     return 0
 
 
@@ -117,6 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         contrast=args.contrast,
         feature_weights=args.features,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     out = Path(args.out)
     print((out / "table.md").read_text())
@@ -126,9 +123,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_course(args: argparse.Namespace) -> int:
-    from alphagan.course import run_course
+    from alphagan.course.runner import run_course
 
-    return run_course(profile=args.profile, only=args.only, out=args.out, minutes=args.minutes)
+    return run_course(
+        profile=args.profile, only=args.only, out=args.out, minutes=args.minutes, overwrite=args.overwrite
+    )
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from alphagan.course.runner import publish
+
+    print(f"wrote {publish(args.run, args.out)} from {args.run}")
+    return 0
 
 
 def _at_least(low: int):
@@ -166,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("normal", "tumor", "stroke"), default="normal")
     p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier synth's cohort in --out")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="preprocess NIfTI/MGH volumes into a training cache")
@@ -191,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the run already in --out (its own files only) and start again"
+    )
     p.add_argument(
         "--init", default=None, help="start the networks from this checkpoint's weights (a ckpt_*.pt file or a folder)"
     )
@@ -202,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=16)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="the paper's Table 1 and Fig. 3 (and more) for trained models")
@@ -214,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
     p.add_argument("--features", default=None, help="MedicalNet-style 3D ResNet-10 weights for a Fréchet distance")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("course", help="run the notebooks in order into a run folder")
@@ -224,7 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--minutes", type=_positive_float, default=None,
         help="scale the training iterations of notebooks 03-06 to this many minutes on this machine",
     )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier course run with other settings")
     p.set_defaults(func=cmd_course)
+
+    p = sub.add_parser("results", help="write a course run's summary.md as a docs page (e.g. docs/results.md)")
+    p.add_argument("run", help="the folder of a finished course run")
+    p.add_argument("--out", default="docs/results.md")
+    p.set_defaults(func=cmd_results)
     return parser
 
 
@@ -234,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         if args.debug:
             raise
         if isinstance(exc, OSError) and exc.filename and exc.strerror:

@@ -12,6 +12,7 @@ codes. Everything is written to one folder: `results.json`, `table.md`, `pca.png
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -19,10 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from alphagan import anatomy, features, metrics
+from alphagan.checkpoint import find_checkpoint
 from alphagan.config import Config
+from alphagan.data.cache import load_cache
 from alphagan.data.dataset import Source, load_training_volumes
-from alphagan.data.prepare import load_cache
 from alphagan.data.space import cube_affine
+from alphagan.folders import atomic, claim
 from alphagan.sampling import generate, load_generator
 from alphagan.train import pick_device
 
@@ -48,6 +51,27 @@ def real_volumes(real: str, size: int, n: int, training_seed: int = 0) -> tuple[
     return np.asarray(volumes[:n]), fov, f"the first {min(n, len(volumes))} volumes of the cache {real}"
 
 
+def _available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable on Linux; physical memory elsewhere)."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_memory(n: int, size: int) -> None:
+    """Refuse an `n` whose real and generated sets (float32, held at once) cannot fit, before any work."""
+    needed = 2 * n * size**3 * 4
+    available = _available_memory()
+    if needed > available:
+        raise MemoryError(
+            f"--n {n}: {n} real and {n} generated {size}³ volumes need {needed / 2**30:.1f} GiB of memory, "
+            f"{available / 2**30:.1f} GiB are available; give a smaller --n"
+        )
+
+
 def _name(checkpoint: str, cfg: Config, taken: set[str]) -> str:
     name = cfg.model if cfg.model != "alpha-wgan-gp" else f"alpha-wgan-gp z{cfg.latent}"
     while name in taken:
@@ -68,25 +92,43 @@ def evaluate(
     feature_weights: str | None = None,
     seed: int = 0,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Evaluate each checkpoint against held-out real data; write the figures and tables; return the results."""
-    import matplotlib.pyplot as plt
-
-    from alphagan.progress import tqdm
-    from alphagan.viz import nearest_pairs, pca_scatter, use_headless_backend, volume_histograms
+    """Evaluate each checkpoint against held-out real data; write the figures and tables into `out` (a folder
+    claimed as `alphagan.folders.claim` says: new, empty, or an earlier evaluation); return the results."""
+    from alphagan.viz import use_headless_backend
 
     use_headless_backend()
     source = Source.parse(real)  # a bad --real is named before any model is loaded
     if not source.synthetic:
         load_cache(source.cache)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = str(pick_device(device or "auto"))
+    files = [str(find_checkpoint(c).resolve()) for c in checkpoints]
+    settings = dict(real=str(source), checkpoints=files, n=n, pairs=pairs, mmd_batch=mmd_batch,
+                    mmd_repetitions=mmd_repetitions, n_anatomy=n_anatomy, contrast=contrast,
+                    features=feature_weights, seed=seed)  # fmt: skip
+    keep = {"--real": source.cache, "--features": feature_weights, **{f"--checkpoint {c}": c for c in files}}
+    with claim(out, "evaluate", settings, list(EVALUATE_FILES), overwrite=overwrite, keep=keep) as owned:
+        return _evaluate(source, checkpoints, owned.folder, settings, pick_device(device or "auto"))
+
+
+EVALUATE_FILES = ("results.json", "table.md", "pca.png", "volumes.png", "nearest.png")
+
+
+def _evaluate(source: Source, checkpoints: list[str], out: Path, settings: dict, device) -> dict:
+    """`evaluate` once its folder is claimed."""
+    from alphagan.progress import tqdm
+    from alphagan.viz import nearest_pairs, pca_scatter, save_figure, volume_histograms
+
+    n, pairs, mmd_batch, mmd_repetitions = (settings[k] for k in ("n", "pairs", "mmd_batch", "mmd_repetitions"))
+    n_anatomy, contrast, feature_weights, seed = (settings[k] for k in ("n_anatomy", "contrast", "features", "seed"))
+    real = str(source)
+    device = str(device)
     models = [load_generator(c, device) for c in checkpoints]
     sizes = {cfg.size for _, cfg, _ in models}
     if len(sizes) != 1:
         raise ValueError(f"the checkpoints generate different sizes {sorted(sizes)}; evaluate them separately")
     size = sizes.pop()
+    _check_memory(n, size)
     training_seed = models[0][1].seed
     real_set, real_fov_mm, real_text = real_volumes(real, size, n, training_seed)
     mmd_batch = min(mmd_batch, len(real_set))  # the paper's B = 8, unless fewer real volumes are at hand
@@ -166,19 +208,19 @@ def evaluate(
 
     real_2d, projected, variance = metrics.pca_projection(real_set, generated_sets, seed=seed)
     results["pca_explained_variance"] = [float(v) for v in variance]
-    pca_scatter(real_2d, projected, variance).savefig(out / "pca.png", dpi=90, bbox_inches="tight")
-    volume_histograms(
-        {q: [a[q] for a in real_anatomy] for q in QUANTITIES},
-        {m: {q: [a[q] for a in rows] for q in QUANTITIES} for m, rows in tissues.items()},
-    ).savefig(out / "volumes.png", dpi=90, bbox_inches="tight")
+    # Saved, not shown: a notebook shows the files where its text introduces them.
+    save_figure(pca_scatter(real_2d, projected, variance), out / "pca.png")
+    real_tissue = {q: [a[q] for a in real_anatomy] for q in QUANTITIES}
+    fake_tissue = {m: {q: [a[q] for a in rows] for q in QUANTITIES} for m, rows in tissues.items()}
+    save_figure(volume_histograms(real_tissue, fake_tissue), out / "volumes.png")
     if nearest:
         name, (fake, train_set, memo) = next(iter(nearest.items()))
-        nearest_pairs(fake, train_set, memo.generated_index, memo.generated_nn, title=name).savefig(
-            out / "nearest.png", dpi=90, bbox_inches="tight"
-        )
-    plt.close("all")  # saved above; a notebook shows the files where its text introduces them
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "table.md").write_text(markdown_table(results))
+        figure = nearest_pairs(fake, train_set, memo.generated_index, memo.generated_nn, title=name)
+        save_figure(figure, out / "nearest.png")
+    with atomic(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    with atomic(out / "table.md") as tmp:
+        tmp.write_text(markdown_table(results))
     return results
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alphagan.metrics import _as5d
+from alphagan.metrics import as_batch
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
@@ -79,7 +79,14 @@ def load_feature_network(path: str, depth: int = 10) -> ResNet3D:
     """A ResNet3D with weights from `path` (a MedicalNet checkpoint or a plain state dict), read with
     weights_only=True. Keys of MedicalNet's DataParallel checkpoints ('module.' prefix) are accepted."""
     net = ResNet3D(depth)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # not a torch file, or one that needs unpickling code (which is never run here)
+        raise ValueError(f"{path}: not a file of PyTorch weights that loads safely ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a dict of weights")
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
@@ -94,7 +101,7 @@ def load_feature_network(path: str, depth: int = 10) -> ResNet3D:
 @torch.no_grad()
 def features(net: nn.Module, volumes, batch: int = 8) -> np.ndarray:
     """Pooled features of each volume (MedicalNet expects z-scored intensities: we standardise per volume)."""
-    v = _as5d(volumes)
+    v = as_batch(volumes)
     v = (v - v.mean(dim=(2, 3, 4), keepdim=True)) / v.std(dim=(2, 3, 4), keepdim=True).clamp(min=1e-6)
     device = next(net.parameters()).device
     return torch.cat([net(v[i : i + batch].to(device)).cpu() for i in range(0, len(v), batch)]).double().numpy()

@@ -32,7 +32,8 @@ def _flat(volumes) -> Tensor:
     return t.reshape(t.shape[0], -1).double()
 
 
-def _as5d(volumes) -> Tensor:
+def as_batch(volumes) -> Tensor:
+    """Volumes (n, S, S, S) or (n, 1, S, S, S), array or tensor, as a float tensor (n, 1, S, S, S)."""
     t = volumes if isinstance(volumes, Tensor) else torch.tensor(np.asarray(volumes))
     t = t.float()
     return t.unsqueeze(1) if t.dim() == 4 else t
@@ -171,7 +172,7 @@ def _ssim_and_cs(x: Tensor, y: Tensor, s: SSIMSettings) -> tuple[Tensor, Tensor]
 
 def ssim3d(x, y, settings: SSIMSettings | None = None) -> Tensor:
     """Single-scale 3D SSIM per pair of volumes, Gaussian window, 'valid' filtering."""
-    x, y = _as5d(x).double(), _as5d(y).double()
+    x, y = as_batch(x).double(), as_batch(y).double()
     settings = settings or SSIMSettings()
     return _ssim_and_cs(x, y, settings)[0].float()
 
@@ -182,7 +183,7 @@ def ms_ssim3d(x, y, settings: SSIMSettings | None = None) -> Tensor:
     pytorch-msssim, so one negative coarse-scale term makes the whole score 0 (at 64^3 the coarsest scale has
     only 2^3 window positions, and independent noise volumes score exactly 0). Volumes are halved between scales
     by 2^3 average pooling. Definitions: docs/method.md, section 5."""
-    x, y = _as5d(x).double(), _as5d(y).double()
+    x, y = as_batch(x).double(), as_batch(y).double()
     s = settings or ms_ssim_settings(x.shape[-1])
     need = (s.win_size - 1) * 2 ** (s.scales - 1) + 1
     if min(x.shape[2:]) < need:
@@ -207,7 +208,7 @@ def diversity(
     volumes, pairs: int = 1000, seed: int = 0, settings: SSIMSettings | None = None, batch: int = 16
 ) -> tuple[float, float]:
     """Mean and standard deviation of MS-SSIM over `pairs` random pairs of distinct volumes (lower: more diverse)."""
-    v = _as5d(volumes)
+    v = as_batch(volumes)
     n = len(v)
     if n < 2:
         raise ValueError("diversity needs at least two volumes")

@@ -12,7 +12,7 @@ Taught in notebook 03.
 from __future__ import annotations
 
 import copy
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from alphagan.checkpoint import load_checkpoint
+from alphagan.checkpoint import find_checkpoint, load_checkpoint
 from alphagan.config import Config
 from alphagan.data.space import DEFAULT_FOV_MM, cube_affine
+from alphagan.folders import atomic, claim
 from alphagan.models import Generator
 
 
@@ -72,12 +73,49 @@ def load_generator(
 
 
 @torch.no_grad()
+def generate_batches(
+    generator: nn.Module, n: int, latent: int, seed: int = 0, batch: int = 8
+) -> Iterator[torch.Tensor]:
+    """n volumes, `batch` at a time (b, 1, S, S, S) on the CPU, from codes z ~ N(0, I) drawn with `seed`: only the
+    codes (4 kB each at latent 1000) are held for all n, so memory stays flat in n."""
+    device = next(generator.parameters()).device
+    z = torch.randn(n, latent, generator=torch.Generator().manual_seed(seed))
+    for i in range(0, n, batch):
+        yield generator(z[i : i + batch].to(device)).float().cpu()
+
+
 def generate(generator: nn.Module, n: int, latent: int, seed: int = 0, batch: int = 8) -> torch.Tensor:
     """n volumes (n, 1, S, S, S) on the CPU from codes z ~ N(0, I) drawn with `seed`."""
-    device = next(generator.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, latent, generator=gen)
-    return torch.cat([generator(z[i : i + batch].to(device)).float().cpu() for i in range(0, n, batch)])
+    return torch.cat(list(generate_batches(generator, n, latent, seed, batch)))
+
+
+def write_samples(
+    checkpoint: str | Path, out: str | Path, n: int, seed: int = 0, overwrite: bool = False, device: str = "auto"
+) -> tuple[Path, Config, dict]:
+    """`python -m alphagan sample`: n volumes of a checkpoint's generator as NIfTI files in `out` (claimed as
+    `alphagan.folders.claim` says), written as they are generated, and samples.png of the first 32."""
+    from alphagan.progress import tqdm
+    from alphagan.train import pick_device
+    from alphagan.viz import cuts_grid, save_figure, use_headless_backend
+
+    use_headless_backend()
+    path = find_checkpoint(checkpoint).resolve()
+    G, cfg, state = load_generator(path, str(pick_device(device)), seed=seed)
+    names = [f"sample_{i:04d}.nii.gz" for i in range(n)]
+    settings = {"checkpoint": str(path), "iteration": state["iter"], "n": n, "seed": seed}
+    shown: list[torch.Tensor] = []
+    with claim(
+        out, "sample", settings, [*names, "samples.png"], overwrite=overwrite, keep={"--checkpoint": path}
+    ) as owned:
+        batches = generate_batches(G, n, cfg.latent, seed=seed)
+        written = 0
+        for volumes in tqdm(batches, total=-(-n // 8), desc="sample", unit="batch", disable=n <= 64):
+            for volume in volumes:
+                save_nifti(volume, owned.folder / names[written], state["fov_mm"])
+                written += 1
+            shown += list(volumes[: 32 - len(shown)])
+        save_figure(cuts_grid(shown, title=f"{cfg.model}, iteration {state['iter']}"), owned.folder / "samples.png")
+    return owned.folder, cfg, state
 
 
 def save_nifti(volume, path: str | Path, fov_mm: float = DEFAULT_FOV_MM) -> Path:
@@ -90,8 +128,6 @@ def save_nifti(volume, path: str | Path, fov_mm: float = DEFAULT_FOV_MM) -> Path
     img.header.set_qform(affine, code=4)
     img.header.set_sform(affine, code=4)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        nib.save(img, tmp)
     return path

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from alphagan import losses
 from alphagan.config import Config
-from alphagan.data.dataset import Cohort
+from alphagan.data.dataset import Batches
 
 Nets = dict[str, nn.Module]
 Inputs = dict[str, Tensor]
@@ -103,13 +103,13 @@ UPDATES: dict[str, tuple[Update, ...]] = {
 }
 
 
-def draw(keys: tuple[str, ...], inputs: Inputs, cohort: Cohort, cfg: Config, static: bool = False) -> None:
-    """Draw fresh `keys` into `inputs`, in order, from the cohort's generator. With `static`, write into the
+def draw(keys: tuple[str, ...], inputs: Inputs, batches: Batches, cfg: Config, static: bool = False) -> None:
+    """Draw fresh `keys` into `inputs`, in order, from the batches's generator. With `static`, write into the
     tensors already there (a CUDA graph reads its inputs from fixed addresses)."""
-    rng = cohort.generator
+    rng = batches.generator
     for key in keys:
         if key == "x":
-            value = cohort.batch(cfg.batch)
+            value = batches.batch(cfg.batch)
         elif key in ("z", "eps"):
             value = torch.randn(cfg.batch, cfg.latent, generator=rng, device=rng.device)
         else:
@@ -162,4 +162,23 @@ def run_update(
         scaler.update()
     if watch is not None:
         watch(update.name, terms)
+    return terms
+
+
+def iteration(
+    updates: tuple[Update, ...],
+    step: Callable[[Update], losses.Terms],
+    inputs: Inputs,
+    batches: Batches,
+    cfg: Config,
+    static: bool = False,
+) -> losses.Terms:
+    """One training iteration: each of `updates`, its number of times, on freshly drawn inputs, run by `step`
+    (`run_update` with the update's networks and optimiser; in `train()`, also its CUDA graph). Returns the terms
+    of each update's last run. Notebook 03 writes this loop out before `train()` calls it."""
+    terms: losses.Terms = {}
+    for update in updates:
+        for _ in range(update.times(cfg)):
+            draw(update.draws, inputs, batches, cfg, static=static)
+            terms.update(step(update))
     return terms

@@ -21,11 +21,12 @@ hold identical networks and the saved statistics have seen every process's data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,13 +39,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alphagan import metrics
-from alphagan.checkpoint import checkpoint_file, latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
+from alphagan.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from alphagan.config import Config
-from alphagan.data.dataset import Cohort, Source, load_training_volumes
+from alphagan.data.dataset import Batches, Source, data_digest, load_training_volumes
+from alphagan.folders import atomic, claim
 from alphagan.losses import Terms
 from alphagan.models import build_networks
 from alphagan.sampling import calibrated_generator, generate, reconstruct, save_nifti
-from alphagan.steps import UPDATES, Inputs, draw, optimisers, run_update
+from alphagan.steps import UPDATES, Inputs, Update, iteration, optimisers, run_update
 
 # Settings that must not change when a run is resumed (iterations, logging and device may).
 RUN_DEFINING = (
@@ -139,7 +141,7 @@ class FiniteWatch:
         first = int(self.first)
         if first < 0:
             return
-        last_checkpoint = latest_checkpoint(ckpt_dir)
+        last_checkpoint = (list_checkpoints(ckpt_dir) or [None])[-1]
         bad = [
             f"{k} = {v}"
             for keys, values in self.snapshots.values()
@@ -158,12 +160,13 @@ class Graphed:
     once as a CUDA graph and replayed. Replaying launches the update's hundreds of kernels in one call; the
     inputs are read from the same tensors every time, which `draw(..., static=True)` refills."""
 
-    def __init__(self, steps: dict[str, Callable[[], Terms]], graphs: bool):
+    def __init__(self, steps: dict[str, Callable[[], Terms]], graphs: bool = False):
         self.steps, self.graphs = steps, graphs
         self.calls = dict.fromkeys(steps, 0)
         self.captured: dict[str, tuple[torch.cuda.CUDAGraph, Terms]] = {}
 
-    def __call__(self, name: str) -> Terms:
+    def __call__(self, update: Update) -> Terms:
+        name = update.name
         if not self.graphs:
             return self.steps[name]()
         if name not in self.captured and self.calls[name] < GRAPH_WARMUP:
@@ -196,33 +199,36 @@ def _all_finite(nets: dict[str, nn.Module]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples")
+RUN_FILES = ["config.json", "metrics.jsonl", "checkpoints", "samples"]
 
 
-def _claim_run_folder(out: Path, data: str, resume: bool, overwrite: bool, init: str | Path | None) -> None:
-    """Refuse to mix two runs in one folder: a new run needs an empty one (or `overwrite`), a resumed run the
-    same data it was trained on; `overwrite` never deletes the checkpoint the run is to start from."""
-    out.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
-    held = [name for name in RUN_FILES if (out / name).exists()]
-    if overwrite and init is not None and Path(init).resolve().is_relative_to(out.resolve()):
+def _check_resume_data(out: Path, data: str) -> None:
+    """A resumed run continues on the data it was trained on: the same source, and for a cache the same contents
+    (the digest of its manifest), not a cache prepared again under the same name."""
+    config = out / "config.json"
+    saved = json.loads(config.read_text()) if config.exists() else {}
+    if saved.get("data") not in (None, data):
         raise ValueError(
-            f"{out}: --overwrite would delete {init}, the checkpoint --init starts from; copy it elsewhere or "
-            f"choose another --out"
+            f"{config}: this run trained on {saved['data']}, not {data}; resume with --data {saved['data']}"
         )
+    if saved.get("data_digest") not in (None, data_digest(data)):
+        raise ValueError(
+            f"{data}: prepared again since this run started (its manifest.tsv differs from the one {config} "
+            f"records); resume on the cache it trained on, or train into a new --out"
+        )
+
+
+def _claim_run_folder(out: Path, cfg: Config, data: str, resume: bool, overwrite: bool, init: str | Path | None):
+    """The run folder, locked for this run (`alphagan.folders.claim`): a new run needs a folder that is new, empty
+    or, with `overwrite`, an earlier run's (only its files are deleted, never those `init` or `data` point into).
+    Rank 0 holds it for all processes of a DDP run."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return contextlib.nullcontext()
     if resume:
-        config = out / "config.json"
-        saved = json.loads(config.read_text()).get("data") if config.exists() else None
-        if saved is not None and saved != data:
-            raise ValueError(f"{config}: this run trained on {saved}, not {data}; resume with --data {saved}")
-    elif held and not overwrite:
-        raise FileExistsError(
-            f"{out}: already holds a run ({', '.join(held)}); add --resume to continue it, --overwrite to replace "
-            f"it, or choose another --out"
-        )
-    elif held and int(os.environ.get("RANK", 0)) == 0:
-        for name in held:  # only the run's own files: anything else in the folder stays
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _check_resume_data(out, data)
+    keep = {"--init": init, "--data": Source.parse(data).cache}
+    settings = {"model": cfg.model, "data": data}
+    return claim(out, "train", settings, RUN_FILES, resume=resume, overwrite=overwrite, again=False, keep=keep)
 
 
 NETWORK_DEFINING = ("model", "size", "width", "latent", "code_hidden", "critic_norm")
@@ -242,7 +248,7 @@ def _differing(saved: Config, cfg: Config, keys: tuple[str, ...]) -> list[str]:
 def _load_init(init: str | Path, cfg: Config, nets) -> Path:
     """Load the network weights of checkpoint `init` (a file or a folder: its newest) into `nets`; returns the
     checkpoint's absolute path. Its networks must have the shapes of `cfg`'s."""
-    path = checkpoint_file(init).resolve()
+    path = find_checkpoint(init).resolve()
     state = load_checkpoint(path)
     saved = Config.from_dict(state["config"])
     changed = [f"{k} {getattr(saved, k)} != {getattr(cfg, k)}" for k in _differing(saved, cfg, NETWORK_DEFINING)]
@@ -256,7 +262,7 @@ def _load_init(init: str | Path, cfg: Config, nets) -> Path:
 @dataclass
 class Run:
     """What a training run holds while it runs: where it writes, its device and processes, its networks and
-    optimisers, its cohort (which owns the run's random generator), and where it started."""
+    optimisers, its batches (which own the run's random generator), and where it started."""
 
     cfg: Config
     out: Path
@@ -267,7 +273,7 @@ class Run:
     nets: dict[str, nn.Module]  # the plain modules: frozen, no_grad and checkpoints use these
     train_nets: dict[str, nn.Module]  # what a learning network is called as (DDP- or compile-wrapped)
     opts: dict[str, torch.optim.Optimizer]
-    cohort: Cohort
+    batches: Batches
     fov_mm: float
     start: int
     fixed_z: torch.Tensor  # the same noise and real volumes in every progress picture
@@ -315,6 +321,16 @@ def _wrap(nets: dict[str, nn.Module], cfg: Config, device: torch.device, world: 
     return wrapped
 
 
+def _newest_loadable(ckpt_dir: Path, device: torch.device) -> tuple[Path, dict]:
+    """The newest checkpoint that loads, to resume from: a damaged newer one is skipped with a warning."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, load_checkpoint(path, map_location=device)
+        except ValueError as exc:
+            warnings.warn(f"{exc}; resuming from an older checkpoint", stacklevel=2)
+    raise FileNotFoundError(f"{ckpt_dir}: no loadable checkpoint (ckpt_*.pt) to resume from")
+
+
 def _restore(state: dict, run: Run, path: Path) -> int:
     """Load a checkpoint's networks, optimisers and random states into `run`; returns its iteration."""
     cfg = run.cfg
@@ -334,7 +350,7 @@ def _restore(state: dict, run: Run, path: Path) -> int:
         opt.load_state_dict(state["optimisers"][k])
     rng = state["rng"][run.rank]
     try:
-        run.cohort.set_state(rng)
+        run.batches.set_state(rng)
     except (RuntimeError, KeyError) as exc:  # saved on another kind of device: the draws cannot continue exactly
         raise ValueError(f"{path}: its random state is for another device; resume on the device that saved it") from exc
     torch.set_rng_state(rng["torch"])
@@ -344,7 +360,7 @@ def _restore(state: dict, run: Run, path: Path) -> int:
 
 
 def _rng_state(run: Run) -> dict:
-    state = {**run.cohort.state(), "torch": torch.get_rng_state()}
+    state = {**run.batches.state(), "torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(run.device)
     return state
@@ -353,16 +369,19 @@ def _rng_state(run: Run) -> dict:
 def _write_settings(run: Run, resume: bool, init: Path | None) -> None:
     """config.json (with the data and the starting checkpoint); on resume, the log cut back to the checkpoint."""
     started = str(init) if init is not None else _init_of(run.out) if resume else None
-    settings = {**run.cfg.to_dict(), "data": run.data, "fov_mm": run.fov_mm, **({"init": started} if started else {})}
-    (run.out / "config.json").write_text(json.dumps(settings, indent=2))
+    settings = {**run.cfg.to_dict(), "data": run.data, "data_digest": data_digest(run.data), "fov_mm": run.fov_mm}
+    settings.update({"init": started} if started else {})
+    with atomic(run.out / "config.json") as tmp:
+        tmp.write_text(json.dumps(settings, indent=2))
     log_path = run.out / "metrics.jsonl"
     if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["iter"] <= run.start]
-        log_path.write_text("".join(line + "\n" for line in kept))
+        with atomic(log_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | None, progress: bool) -> Run:
-    """Device and processes, the cohort, the networks and their optimisers, and the state to start from."""
+    """Device and processes, the batches, the networks and their optimisers, and the state to start from."""
     device, rank, world = _processes(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
@@ -378,7 +397,7 @@ def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | N
     if len(volumes) < cfg.batch:
         raise ValueError(f"{data}: {len(volumes)} volumes, fewer than one batch of {cfg.batch}")
     rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    cohort = Cohort(volumes, device, rng, cfg.flip, cfg.intensity, memory_format)
+    batches = Batches(volumes, device, rng, cfg.flip, cfg.intensity, memory_format)
 
     nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
     for net in nets.values():
@@ -389,12 +408,12 @@ def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | N
     opts = optimisers(nets, UPDATES[cfg.model], cfg, fused=True, capturable=graphs)
     fixed_z = torch.randn(cfg.n_fixed, cfg.latent, generator=torch.Generator().manual_seed(cfg.seed + 1))
     run = Run(
-        cfg, out, data, device, rank, world, nets, _wrap(nets, cfg, device, world), opts, cohort, fov_mm, 0,
-        fixed_z, cohort.first(cfg.n_fixed),
+        cfg, out, data, device, rank, world, nets, _wrap(nets, cfg, device, world), opts, batches, fov_mm, 0,
+        fixed_z, batches.first(cfg.n_fixed),
     )  # fmt: skip
     start_weights = None
     if resume:
-        path, state = load_latest(run.ckpt_dir, map_location=device)
+        path, state = _newest_loadable(run.ckpt_dir, device)
         run.start = _restore(state, run, path)
     elif init is not None:
         start_weights = _load_init(init, cfg, nets)
@@ -422,9 +441,7 @@ def _picture(run: Run, it: int) -> dict[str, float]:
     """Save fixed-noise samples (G with recalibrated statistics) and reconstructions of fixed real volumes;
     return how much they differ from each other, relative to how much the fixed real volumes do
     (`metrics.spread`): near 0, every code gives one volume or every input one reconstruction."""
-    import matplotlib.pyplot as plt
-
-    from alphagan.viz import three_plane_grid
+    from alphagan.viz import planes_columns, save_figure
 
     nets, cfg = run.nets, run.cfg
     G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
@@ -437,10 +454,9 @@ def _picture(run: Run, it: int) -> dict[str, float]:
         rec = reconstruct(nets["E"], nets["G"], run.fixed_x.to(run.device)).float().cpu()
         groups["real"], groups["reconstructions"] = list(run.fixed_x), list(rec)
         spreads["rec_spread"] = metrics.spread(rec) / real
-    fig = three_plane_grid(groups, title=f"{cfg.model}, iteration {it}")
-    (run.out / "samples").mkdir(exist_ok=True)
-    fig.savefig(run.out / "samples" / f"iter_{it:06d}.png", dpi=80)
-    plt.close(fig)
+    save_figure(
+        planes_columns(groups, title=f"{cfg.model}, iteration {it}"), run.out / "samples" / f"iter_{it:06d}.png", 80
+    )
     return spreads
 
 
@@ -528,63 +544,50 @@ def train(
     cfg, out = cfg.validate(), Path(out)
     data = str(Source.parse(data))  # a cache as its absolute path: the run can be evaluated from anywhere
     use_headless_backend()
-    _claim_run_folder(out, data, resume, overwrite, init)
-    run = _setup(cfg, data, out, resume, init, progress)
-    update = _updates(run)
-    schedule = [(u, u.times(cfg)) for u in UPDATES[cfg.model]]
+    with _claim_run_folder(out, cfg, data, resume, overwrite, init):
+        run = _setup(cfg, data, out, resume, init, progress)
+        update = _updates(run)
 
-    run.bar = tqdm(range(run.start, cfg.iters), initial=run.start, total=cfg.iters, desc=cfg.model,
-                   disable=not (progress and run.master))  # fmt: skip
-    run.since = (time.perf_counter(), run.start)
-    for it in run.bar:
-        terms: Terms = {}
-        for u, repeats in schedule:
-            for _ in range(repeats):
-                draw(u.draws, run.inputs, run.cohort, cfg, static=update.graphs)
-                terms.update(update(u.name))
-        _after_iteration(run, it + 1, terms)
-        if after_iteration is not None:
-            after_iteration(it + 1)
+        run.bar = tqdm(range(run.start, cfg.iters), initial=run.start, total=cfg.iters, desc=cfg.model,
+                       disable=not (progress and run.master))  # fmt: skip
+        run.since = (time.perf_counter(), run.start)
+        for it in run.bar:
+            terms = iteration(UPDATES[cfg.model], update, run.inputs, run.batches, cfg, static=update.graphs)
+            _after_iteration(run, it + 1, terms)
+            if after_iteration is not None:
+                after_iteration(it + 1)
 
-    if run.master and run.start < cfg.iters:
-        _final_samples(run)
+        if run.master and run.start < cfg.iters:
+            _final_samples(run)
     if run.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return TrainResult(out, run.nets, cfg, run.fov_mm)
 
 
-def train_or_reuse(
-    cfg: Config, data: str, out: str | Path, reuse: tuple[str | Path, ...] = (), init: str | Path | None = None
-) -> TrainResult:
-    """The run `cfg` on `data` (from the weights of `init`, if given), trained only when no finished one exists
-    (notebooks 04-06 use it).
+def finished_run(folder: str | Path, cfg: Config, data: str, init: str | Path | None = None) -> TrainResult | None:
+    """The run in `folder`, loaded, if it finished `cfg` on `data` from `init`: its config.json names the same data
+    and starting checkpoint, and it holds a checkpoint of iteration `cfg.iters` saved with the same run-defining
+    settings. None otherwise."""
+    folder, cfg = Path(folder), cfg.validate()
+    config = folder / "config.json"
+    if not config.exists() or json.loads(config.read_text()).get("data") != str(Source.parse(data)):
+        return None
+    started = None if init is None else str(find_checkpoint(init).resolve())
+    if _init_of(folder) != started or not (folder / "checkpoints" / f"ckpt_{cfg.iters:08d}.pt").exists():
+        return None
+    state = load_checkpoint(folder / "checkpoints", cfg.iters)
+    if _differing(Config.from_dict(state["config"]), cfg, RUN_DEFINING):
+        return None
+    nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
+    device = pick_device(cfg.device)
+    for k, net in nets.items():
+        net.load_state_dict(state["nets"][k])
+        net.to(device)
+    return TrainResult(folder, nets, cfg, float(state["fov_mm"]))
 
-    A finished run is a folder, `out` or one of `reuse` (e.g. notebook 03's run), whose config.json names the same
-    data and starting checkpoint and which holds a checkpoint of iteration `cfg.iters` saved with the same
-    run-defining settings. A run in `out` that stopped earlier is resumed; otherwise `out` is trained from the
-    start."""
-    from alphagan.checkpoint import checkpoint_path
 
-    cfg = cfg.validate()
-    source = str(Source.parse(data))
-    started = None if init is None else str(checkpoint_file(init).resolve())
-    for folder in (Path(out), *map(Path, reuse)):
-        path = checkpoint_path(folder / "checkpoints", cfg.iters)
-        config = folder / "config.json"
-        if not (path.exists() and config.exists()) or json.loads(config.read_text()).get("data") != source:
-            continue
-        if _init_of(folder) != started:
-            continue
-        state = load_checkpoint(path)
-        saved = Config.from_dict(state["config"])
-        if not _differing(saved, cfg, RUN_DEFINING):
-            nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
-            device = pick_device(cfg.device)
-            for k, net in nets.items():
-                net.load_state_dict(state["nets"][k])
-                net.to(device)
-            print(f"{cfg.model}: reusing the finished run in {folder} (iteration {cfg.iters})")
-            return TrainResult(folder, nets, cfg, float(state["fov_mm"]))
-    resume = latest_checkpoint(Path(out) / "checkpoints") is not None and _init_of(Path(out)) == started
-    return train(cfg, data, out, resume=resume, overwrite=not resume, init=init)
+def stopped_run(folder: str | Path, init: str | Path | None = None) -> bool:
+    """Whether `folder` holds a run started from `init` with a checkpoint to resume from."""
+    started = None if init is None else str(find_checkpoint(init).resolve())
+    return bool(list_checkpoints(Path(folder) / "checkpoints")) and _init_of(Path(folder)) == started

@@ -1,6 +1,9 @@
 """Pictures of volumes: three-plane views, grids of centre cuts, loss curves and an interactive slice viewer.
 
-Used by every notebook.
+Used by every notebook. The four static views, by what they draw:
+`planes` (one volume: sagittal, coronal, axial), `planes_rows` (a row of three planes per volume),
+`planes_columns` (a column of three planes per volume, groups side by side) and `cuts_grid` (one cut per
+volume, in a grid).
 
 Volumes are arrays indexed (x, y, z) in RAS order, as everywhere in the course. Slices are drawn in the
 neurological convention: the subject's left on the picture's left, superior (or anterior, in axial cuts) at
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -48,7 +52,19 @@ def plane_slice(volume, plane: str, index: int | None = None) -> np.ndarray:
     return np.flipud(image.T)  # second remaining axis (up) to rows, top row = highest coordinate
 
 
-def three_plane(
+def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
+    """Save `fig` to `path` atomically (`alphagan.folders.atomic`), cropped to what it draws, and close it."""
+    import matplotlib.pyplot as plt
+
+    from alphagan.folders import atomic
+
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def planes(
     volume,
     title: str | None = None,
     slices: Sequence[int | None] = (None, None, None),
@@ -78,7 +94,7 @@ def three_plane(
     return fig
 
 
-def volume_grid(
+def cuts_grid(
     volumes,
     plane: str = "axial",
     ncols: int = 8,
@@ -110,7 +126,7 @@ def volume_grid(
     return fig
 
 
-def planes_grid(
+def planes_rows(
     volumes,
     titles: Sequence[str] | None = None,
     cmap: str = "gray",
@@ -124,7 +140,7 @@ def planes_grid(
     volumes = [_as_array(v) for v in volumes]
     fig, axes = plt.subplots(len(volumes), 3, figsize=(6, 2.0 * len(volumes)), squeeze=False)
     for row, volume in enumerate(volumes):
-        three_plane(volume, cmap=cmap, vmin=vmin, vmax=vmax, axes=axes[row])
+        planes(volume, cmap=cmap, vmin=vmin, vmax=vmax, axes=axes[row])
         if titles is not None:
             axes[row][0].set_ylabel(titles[row], fontsize=8)
     if title:
@@ -270,7 +286,7 @@ def slice_viewer(
     if interactive is None:
         interactive = has_widget_frontend()
     if not interactive:
-        return planes_grid(vols, titles=names, cmap=cmap, vmin=vmin, vmax=vmax)
+        return planes_rows(vols, titles=names, cmap=cmap, vmin=vmin, vmax=vmax)
 
     import ipywidgets as widgets
 
@@ -366,12 +382,12 @@ def nearest_pairs(generated, training, index: Sequence[int], distance: Sequence[
     for i in order:
         volumes += [generated[i], training[index[i]]]
         titles += [f"generated {i}\nRMS {distance[i]:.3f}", f"training {index[i]}"]
-    return volume_grid(
+    return cuts_grid(
         volumes, ncols=2 * min(k, len(order)), titles=titles, title=f"{title}: closest generated-training pairs"
     )
 
 
-def three_plane_grid(groups: dict[str, Sequence], title: str | None = None, vmin: float = -1.0, vmax: float = 1.0):
+def planes_columns(groups: dict[str, Sequence], title: str | None = None, vmin: float = -1.0, vmax: float = 1.0):
     """Sagittal, coronal and axial centre cuts (rows) of each volume (columns), one block of rows per group.
 
     The picture saved during training: fixed-noise samples, real volumes and their reconstructions.

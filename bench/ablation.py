@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict] = {
     "betas (0.5, 0.9)": {"betas": (0.5, 0.9)},
     "critic_norm layer": {"critic_norm": "layer"},
     "lambda_rec 1000, critic_norm layer": {"lambda_rec": 1000.0, "critic_norm": "layer"},
+    "lambda_rec 1000, critic_norm layer, d_steps 5": {"lambda_rec": 1000.0, "critic_norm": "layer", "d_steps": 5},
 }
 COLUMNS = ("voxel std ×", "MS-SSIM − real", "rec. spread ×", "rec. L1", "Gaussian MMD²", "brain overlap", "NN ratio")
 
@@ -50,7 +51,7 @@ def run_dir(out: Path, variant: str, seed: int) -> Path:
 def train_one(variant: str, seed: int, iters: int, at: list[int], out: Path) -> None:
     """Train one variant and seed (a checkpoint at every `at`), reusing a finished run, then measure it."""
     from alphagan.config import as_written, make_config
-    from alphagan.train import train_or_reuse
+    from alphagan.course.settings import train_or_reuse
 
     paper = as_written(make_config("cpu", seed=seed, iters=iters, ckpt_every=min(at), keep_ckpts=iters))
     cfg = paper.replace(**VARIANTS[variant])  # one change at a time, from the paper's own settings
@@ -71,14 +72,14 @@ def measure(run: Path, iteration: int, n: int = 48, pairs: int = 200) -> dict[st
     import torch
 
     from alphagan import anatomy, metrics
-    from alphagan.checkpoint import checkpoint_path, load_checkpoint
+    from alphagan.checkpoint import load_checkpoint
     from alphagan.config import Config
     from alphagan.data.dataset import load_training_volumes
     from alphagan.evaluate import real_volumes
     from alphagan.models import build_networks
     from alphagan.sampling import calibrated_generator, generate, reconstruct
 
-    state = load_checkpoint(checkpoint_path(run / "checkpoints", iteration))
+    state = load_checkpoint(run / "checkpoints", iteration)
     cfg = Config.from_dict(state["config"])
     nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
     for k, net in nets.items():
@@ -110,7 +111,9 @@ def _key(variant: str, seed: int, iteration: int) -> str:
 def collect(out: Path, results: Path) -> dict[str, dict]:
     """Every measurement in `results`, plus those of runs under `out` not yet recorded (then saved back)."""
     known = json.loads(results.read_text()) if results.exists() else {}
-    machine = f"{_cpu_model()}, {os.cpu_count()} cores, torch {_torch_version()}"
+    from alphagan.course.runner import machine as this_machine
+
+    machine = this_machine()
     for variant in VARIANTS:
         for path in run_dir(out, variant, 0).parent.glob("seed*/ablation_*.json"):
             seed, it = int(path.parent.name[4:]), int(path.stem.split("_")[1])
@@ -119,21 +122,6 @@ def collect(out: Path, results: Path) -> dict[str, dict]:
     tmp.write_text(json.dumps(known, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, results)
     return known
-
-
-def _cpu_model() -> str:
-    import platform
-
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def table(known: dict[str, dict], variants: list[str], seeds: list[int], at: list[int]) -> str:

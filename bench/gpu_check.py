@@ -86,7 +86,8 @@ def section_layers(args: argparse.Namespace) -> str:
 
 
 def section_cohort(args: argparse.Namespace) -> str:
-    from alphagan.data.dataset import load_training_volumes, synthetic_cache
+    from alphagan.data.cache import synthetic_cache
+    from alphagan.data.dataset import load_training_volumes
 
     s = _sizes(args.dry_run)
     start = time.perf_counter()
@@ -106,7 +107,7 @@ def section_grid(args: argparse.Namespace) -> str:
     import torch
     from train_step import GRIDS, nifti_batch_seconds, print_table, run_variant
 
-    from alphagan.data.dataset import synthetic_cache
+    from alphagan.data.cache import synthetic_cache
     from alphagan.data.synth import make_cohort
 
     s = _sizes(args.dry_run)

@@ -83,7 +83,8 @@ print(json.dumps({{"it_per_s": timed[-1]["it_per_s"], "peak_gb": peak}}))
 
 def nifti_batch_seconds(folder: Path, size: int, batch: int, repeats: int = 5) -> float:
     """Seconds to read `batch` NIfTI files and resize them to size^3, as a per-item data loader does."""
-    from alphagan.data.prepare import Settings, preprocess
+    from alphagan.data.cache import Settings
+    from alphagan.data.prepare import preprocess
 
     files = sorted(folder.glob("*.nii.gz"))
     start = time.perf_counter()

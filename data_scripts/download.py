@@ -12,13 +12,13 @@ import argparse
 import dataclasses
 import sys
 
-from alphagan.data.download import SOURCES, DownloadError, get_dataset
+from alphagan.data.download import ARCHIVES, DownloadError, get_dataset
 from alphagan.data.prepare import prepare
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=sorted(SOURCES))
+    parser.add_argument("dataset", choices=sorted(ARCHIVES))
     parser.add_argument("--root", default="data", help="where archives, images and the cache go")
     parser.add_argument("--url", default=None, help="a mirror of the archive (its checksum must match)")
     parser.add_argument("--size", type=int, default=64)
@@ -26,11 +26,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-prepare", action="store_true", help="download and extract only")
     args = parser.parse_args(argv)
 
-    source = SOURCES[args.dataset]
+    archive = ARCHIVES[args.dataset]
     if args.url:
-        source = dataclasses.replace(source, url=args.url)
+        archive = dataclasses.replace(archive, url=args.url)
     try:
-        folder, layout = get_dataset(args.dataset, args.root, source)
+        folder, layout = get_dataset(args.dataset, args.root, archive)
     except DownloadError as exc:
         print(f"download: {exc}", file=sys.stderr)
         return 1

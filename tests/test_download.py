@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from alphagan.data.download import DownloadError, Source, fetch, get_dataset, safe_extract
+from alphagan.data.download import Archive, DownloadError, fetch, get_dataset, safe_extract
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,7 +93,7 @@ def test_download_extract_and_prepare_an_ixi_like_archive(server, tmp_path):
 
     members = {f"IXI{100 + i:03d}-Guys-{1000 + i}-T1.nii.gz": gzip.compress(_nifti_bytes(i)) for i in range(3)}
     archive = _tar(www / "IXI-T1.tar", members)
-    source = Source(f"{url}/IXI-T1.tar", _md5(archive), "ixi", ".")
+    source = Archive(f"{url}/IXI-T1.tar", _md5(archive), "ixi", ".")
     run = subprocess.run(
         [
             sys.executable,
@@ -153,7 +153,7 @@ def test_a_tampered_archive_is_refused(server, tmp_path):
     archive = _tar(www / "Task01_BrainTumour.tar", {"Task01_BrainTumour/dataset.json": b"{}"})
     good_md5 = _md5(archive)
     _tar(www / "Task01_BrainTumour.tar", {"Task01_BrainTumour/dataset.json": b'{"evil": 1}'})
-    source = Source(f"{url}/Task01_BrainTumour.tar", good_md5, "decathlon", "Task01_BrainTumour")
+    source = Archive(f"{url}/Task01_BrainTumour.tar", good_md5, "decathlon", "Task01_BrainTumour")
     with pytest.raises(DownloadError, match="checksum mismatch"):
         get_dataset("decathlon-brain", tmp_path, source, progress=False)
     assert not (tmp_path / "decathlon-brain").exists()
@@ -163,7 +163,7 @@ def test_a_tampered_archive_is_refused(server, tmp_path):
 def test_members_that_escape_the_target_are_refused(server, tmp_path):
     www, url = server
     archive = _tar(www / "evil.tar", {"ok.txt": b"fine", "../escaped.txt": b"gotcha"})
-    source = Source(f"{url}/evil.tar", _md5(archive), "flat", ".")
+    source = Archive(f"{url}/evil.tar", _md5(archive), "flat", ".")
     with pytest.raises(DownloadError, match="outside"):
         get_dataset("evil", tmp_path / "root", source, progress=False)
     assert not (tmp_path / "root" / "escaped.txt").exists()

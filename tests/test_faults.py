@@ -208,7 +208,7 @@ def test_overwrite_never_deletes_the_checkpoint_init_starts_from(tmp_path, capsy
     assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
     before = _snapshot(run)
     argv = ["train", "--data", "synth", "--out", str(run), *TRAIN, "--overwrite", "--init", str(run / "checkpoints")]
-    _fails(capsys, argv, "--overwrite would delete", "the checkpoint --init starts from")
+    _fails(capsys, argv, "--overwrite would delete", "where --init points")
     assert _snapshot(run) == before  # byte for byte
 
 
@@ -232,3 +232,231 @@ def test_counts_are_refused_when_the_arguments_are_parsed(tmp_path, capsys, argv
 def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     _fails(capsys, ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN[:4], "--device", "cuda"],
            "--device cuda: no CUDA GPU here", "use --device cpu or auto")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ who owns a folder
+SYNTH = ["synth", "--n", "2", "--size", "16"]
+
+
+def test_synth_refuses_a_folder_of_the_users_files_byte_for_byte(tmp_path, cohort_dir, capsys):
+    mine = tmp_path / "mine"
+    shutil.copytree(cohort_dir, mine, ignore=shutil.ignore_patterns(".alphagan*"))  # the user's own files
+    before = _snapshot(mine)
+    _fails(capsys, [*SYNTH, "--out", str(mine)], "no alphagan command wrote", "participants.tsv")
+    _fails(capsys, [*SYNTH, "--out", str(mine), "--overwrite"], "no alphagan command wrote")
+    assert _snapshot(mine) == before
+
+
+def test_a_second_synth_with_other_settings_needs_overwrite_which_deletes_only_its_own(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    assert main([*SYNTH, "--out", str(out), "--seed", "1"]) == 0
+    first = _snapshot(out)
+    assert main([*SYNTH, "--out", str(out), "--seed", "1"]) == 0  # the same settings: the same files again
+    assert _snapshot(out) == first
+    _fails(capsys, [*SYNTH, "--out", str(out), "--seed", "2", "--n", "3"], "other settings (n, seed)", "--overwrite")
+    assert _snapshot(out) == first
+    (out / "notes.txt").write_text("mine")
+    assert main([*SYNTH, "--out", str(out), "--seed", "2", "--n", "1", "--overwrite"]) == 0
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == ["notes.txt", "participants.tsv", "sub-normal0000_t1.nii.gz"]  # one cohort, not two
+    assert len((out / "participants.tsv").read_text().splitlines()) == 2
+
+
+def test_train_overwrite_refuses_the_users_own_config_and_samples(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "samples").mkdir(parents=True)
+    (out / "config.json").write_text('{"my": "settings"}')
+    (out / "samples" / "figure.png").write_bytes(b"\x89PNG mine")
+    before = _snapshot(out)
+    _fails(capsys, ["train", "--data", "synth", "--out", str(out), *TRAIN, "--overwrite"], "no alphagan command")
+    assert _snapshot(out) == before
+
+
+def test_one_command_never_writes_into_anothers_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    before = _snapshot(run)
+    _fails(capsys, [*SYNTH, "--out", str(run), "--overwrite"], "output of `alphagan train`")
+    _fails(capsys, ["sample", "--checkpoint", str(run / "checkpoints"), "--out", str(run)], "alphagan train")
+    _fails(capsys, ["sample", "--checkpoint", str(run / "checkpoints"), "--out", str(run / "checkpoints")], "ckpt_")
+    assert _snapshot(run) == before
+
+
+def test_sample_replaces_earlier_samples_only_when_told_and_then_only_its_own(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "samples"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    assert main(["sample", "--checkpoint", str(run / "checkpoints"), "--n", "3", "--out", str(out)]) == 0
+    before = _snapshot(out)
+    argv = ["sample", "--checkpoint", str(run / "checkpoints"), "--n", "2", "--out", str(out)]
+    _fails(capsys, argv, "other settings (n)", "--overwrite")
+    assert _snapshot(out) == before
+    (out / "keep.txt").write_text("mine")
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("sample_*")) == ["sample_0000.nii.gz", "sample_0001.nii.gz"]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_course_refuses_a_folder_holding_the_users_summary(tmp_path, capsys, monkeypatch):
+    from alphagan.course import plan
+
+    monkeypatch.setattr(plan, "seconds_per_iteration", lambda profile, model, latent: 0.5)
+    out = tmp_path / "course"
+    out.mkdir()
+    (out / "summary.md").write_text("my summary")
+    _fails(capsys, ["course", "--profile", "smoke", "--only", "02", "--out", str(out)], "summary.md")
+    assert (out / "summary.md").read_text() == "my summary"
+
+
+def test_a_second_writer_on_a_folder_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    from alphagan.folders import claim
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    log = (run / "metrics.jsonl").read_bytes()
+    with claim(run, "train", {}, [], resume=True):  # a first `train --resume` still running
+        argv = ["train", "--data", "synth", "--out", str(run), *TRAIN[:2], "--iters", "4", "--resume"]
+        _fails(capsys, argv, "another command is writing here")
+    assert (run / "metrics.jsonl").read_bytes() == log
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN[:2], "--iters", "3", "--resume"]) == 0
+
+
+def test_resume_refuses_a_cache_prepared_again_from_other_subjects(tmp_path, cohort_dir, capsys):
+    cache = prepare(str(cohort_dir), tmp_path / "cache", size=16, progress=False).out
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(cache), "--out", str(run), *TRAIN]) == 0
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for path in sorted(cohort_dir.glob("*.nii.gz"))[:5]:
+        shutil.copy(path, fewer)
+    shutil.rmtree(cache)
+    prepare(str(fewer), cache, size=16, progress=False)
+    argv = ["train", "--data", str(cache), "--out", str(run), "--profile", "smoke", "--device", "cpu", "--resume"]
+    _fails(capsys, [*argv, "--iters", "3"], "prepared again", "manifest.tsv")
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+def test_a_failed_write_leaves_neither_half_a_file_nor_a_temporary_one(tmp_path):
+    from alphagan.folders import DiskFull, atomic
+
+    (tmp_path / "table.tsv").write_text("the old table")
+    with pytest.raises(RuntimeError), atomic(tmp_path / "table.tsv") as tmp:
+        tmp.write_text("half a ta")
+        raise RuntimeError("killed")
+    with pytest.raises(DiskFull, match=f"{tmp_path}: no space left on its disk"), atomic(tmp_path / "x.nii.gz") as tmp:
+        tmp.write_bytes(b"...")
+        raise OSError(28, "No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == ["table.tsv"]
+    assert (tmp_path / "table.tsv").read_text() == "the old table"
+
+
+def test_a_full_disk_is_found_before_a_memory_mapped_write_not_by_sigbus(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from alphagan.folders import DiskFull, reserved_array
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(DiskFull, match=r"needs 0\.\d+ GiB"):
+        reserved_array(tmp_path / "volumes.npy", (64, 64, 64, 64))
+    assert not (tmp_path / "volumes.npy").exists()
+
+
+def test_a_partial_synthetic_cache_of_a_dead_process_is_removed(tmp_path, monkeypatch):
+    from alphagan.data import cache as dataset
+
+    monkeypatch.setenv("ALPHAGAN_CACHE", str(tmp_path))
+    folder = dataset.synthetic_cache(2, 16, seed=5, workers=1)
+    dead = folder.with_name(f".{folder.name}.partial-999999999")  # no such process
+    dead.mkdir()
+    import shutil as sh
+
+    sh.rmtree(folder)
+    dataset.synthetic_cache(2, 16, seed=5, workers=1)
+    assert not dead.exists() and (folder / "settings.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ what is read
+def _write_cache(folder, volumes):
+    from alphagan.data.cache import Entry, write_cache_tables
+
+    folder.mkdir()
+    np.save(folder / "volumes.npy", volumes.astype(np.float32))
+    entries = [Entry(f"s{i}.nii.gz", f"s{i}", -1, fov_mm=180.0) for i in range(len(volumes))]
+    write_cache_tables(folder, {"size": volumes.shape[1]}, entries, [])
+    return folder
+
+
+@pytest.mark.parametrize("kind, phrase", [("raw", "not [-1, 1]"), ("nan", "NaN"), ("no background", "background")])
+def test_a_cache_of_wrong_values_is_refused_before_training(tmp_path, capsys, kind, phrase):
+    volumes = np.full((4, 16, 16, 16), -1.0)
+    volumes[:, 4:12, 4:12, 4:12] = 0.5
+    if kind == "raw":
+        volumes = (volumes + 1) * 500  # 0 to 750: intensities that were never normalised
+    elif kind == "nan":
+        volumes[2, 8, 8, 8] = np.nan
+    else:
+        volumes[1] = 0.2
+    cache = _write_cache(tmp_path / "cache", volumes)
+    err = _fails(capsys, ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *TRAIN], phrase)
+    assert "volumes.npy" in err
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_a_folder_named_like_a_glob_pattern_is_read_literally(tmp_path, cohort_dir):
+    literal = tmp_path / "study[1]"
+    shutil.copytree(cohort_dir, literal)
+    decoy = tmp_path / "study1"
+    decoy.mkdir()
+    shutil.copy(sorted(cohort_dir.glob("*.nii.gz"))[0], decoy)
+    result = prepare(str(literal), tmp_path / "cache", size=16, progress=False)
+    assert result.written == 6
+
+
+@pytest.mark.parametrize("what, phrase", [("zip", "unpack it"), ("dicom", "dcm2niix"), ("nrrd", "NRRD")])
+def test_a_format_prepare_does_not_read_is_named_with_the_fix(tmp_path, cohort_dir, capsys, what, phrase):
+    src = tmp_path / "src"
+    src.mkdir()
+    if what == "zip":
+        with zipfile.ZipFile(src / "scans.zip", "w") as z:
+            z.write(sorted(cohort_dir.glob("*.nii.gz"))[0], "a.nii.gz")
+    elif what == "dicom":
+        (src / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # DICOM without a suffix
+    else:
+        (src / "brain.nrrd").write_bytes(b"NRRD0004\n")
+    _fails(capsys, ["prepare", "--src", str(src), "--out", str(tmp_path / "c")], phrase)
+    if what == "zip":
+        _fails(capsys, ["prepare", "--src", str(src / "scans.zip"), "--out", str(tmp_path / "c")], "unpack it")
+
+
+def test_features_that_are_not_torch_weights_are_one_line(tmp_path, capsys):
+    from alphagan.features import load_feature_network
+
+    (tmp_path / "weights.pth").write_text("not weights")
+    with pytest.raises(ValueError, match="weights.pth: not a file of PyTorch weights") as info:
+        load_feature_network(str(tmp_path / "weights.pth"))
+    assert "weights_only" not in str(info.value)
+
+
+def test_sizes_that_cannot_fit_are_refused_saying_what_they_need(tmp_path, capsys, monkeypatch):
+    from alphagan import evaluate
+
+    with pytest.raises(SystemExit):
+        main([*SYNTH[:3], "--size", "1000", "--out", str(tmp_path / "x")])
+    assert "must be from 8 to 256" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "_available_memory", lambda: 2**30)
+    with pytest.raises(MemoryError, match=r"--n 100000: .* need 3\.1 GiB of memory, 1\.0 GiB are available"):
+        evaluate._check_memory(100_000, 16)
+
+
+def test_sample_streams_its_volumes_so_memory_stays_flat_in_n():
+    import torch
+
+    from alphagan.sampling import generate, generate_batches
+
+    G = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Unflatten(1, (1, 2, 2, 2)))
+    batches = generate_batches(G, 20, 4, seed=3, batch=8)
+    assert [len(b) for b in batches] == [8, 8, 4]  # one batch at a time, never all 20
+    assert torch.equal(torch.cat(list(generate_batches(G, 20, 4, seed=3))), generate(G, 20, 4, seed=3))

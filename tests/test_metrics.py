@@ -213,7 +213,7 @@ def test_feature_network_loads_by_path_and_gives_a_distance(tmp_path):
 
 def test_tissue_volumes_on_the_evaluation_path_agree_with_the_truth_as_documented():
     """What `evaluate` segments: 64^3 cache volumes in the cube's space, not the synthesis grid."""
-    from alphagan.data.dataset import _synth_one
+    from alphagan.data.cache import _synth_one
     from alphagan.data.synth import make_subject
 
     keys = ("brain_ml", "gm_ml", "wm_ml", "csf_ml")

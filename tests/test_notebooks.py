@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from alphagan.course import notebooks, run_course
+from alphagan.course.runner import notebooks, run_course
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = notebooks()
@@ -39,6 +39,22 @@ def test_notebook_anatomy(path):
     later = [p for p in NOTEBOOKS if p.name > path.name]
     if later:
         assert f"({later[0].name})" in last, "ends with a link to the next notebook"
+
+
+def _prose_words(markdown: str) -> int:
+    """Words of prose: formulas, the Colab badge and link targets left out."""
+    text = re.sub(r"\$\$.*?\$\$|\$[^$]*\$", " ", markdown, flags=re.S)
+    text = re.sub(r"\[!\[.*?\]\(.*?\)\]\(.*?\)|\]\([^)]*\)", " ", text)
+    return len(re.findall(r"[A-Za-z0-9α-ωΑ-Ω][\w'’-]*", text))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_keep_to_five_words_of_prose_per_line_of_code(path):
+    cells = nbformat.read(path, as_version=4).cells
+    words = sum(_prose_words(c.source) for c in cells if c.cell_type == "markdown")
+    code = [line for c in cells if c.cell_type == "code" for line in c.source.splitlines()]
+    lines = [line for line in code if line.strip() and not line.strip().startswith("#")]
+    assert words <= 5 * len(lines), f"{words} words for {len(lines)} lines of code"
 
 
 @pytest.mark.notebook
@@ -144,7 +160,7 @@ def test_notebook_json_is_stable():
 
 
 def test_figures_are_captioned_by_the_notebook_that_saved_them():
-    from alphagan.course import _caption
+    from alphagan.course.runner import _caption
 
     assert _caption(Path("augmentation.png"), "01_data").startswith("one training volume and five augmented")
     assert _caption(Path("augmentation.png"), "06_augmentation").startswith("held-out accuracy")

@@ -4,13 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from alphagan import course
 from alphagan.cli import main
-from alphagan.config import course_settings, make_config
+from alphagan.config import make_config
+from alphagan.course import plan as course_plan
+from alphagan.course.settings import course_settings
 
 
 def test_the_plan_lists_every_training_run_the_notebooks_make():
-    runs = course.training_runs("cpu")
+    runs = course_plan.training_runs("cpu")
     cfg, settings = make_config("cpu"), course_settings("cpu")
     assert [len(runs[nb]) for nb in ("03", "04", "05", "06")] == [2, 5, 3, 2]  # 04: 3 baselines + z100, z2048
     assert {(r.model, r.latent) for r in runs["04"]} == {
@@ -23,14 +24,14 @@ def test_the_plan_lists_every_training_run_the_notebooks_make():
 @pytest.fixture
 def half_a_second(monkeypatch):
     """Every iteration costs 0.5 s: the plan's arithmetic without timing anything."""
-    monkeypatch.setattr(course, "seconds_per_iteration", lambda profile, model, latent: 0.5)
+    monkeypatch.setattr(course_plan, "seconds_per_iteration", lambda profile, model, latent: 0.5)
 
 
 def test_minutes_scale_every_notebooks_iterations(half_a_second):
-    plan = course.plan_course("cpu")
+    plan = course_plan.plan_course("cpu")
     iterations = 2 * 1000 + 5 * 1000 + 3 * 200 + 2 * 200
     assert sum(plan.minutes(nb) for nb in plan.runs) == pytest.approx(iterations * 0.5 / 60)
-    scaled = course.plan_course("cpu", minutes=100)
+    scaled = course_plan.plan_course("cpu", minutes=100)
     factor = 100 / (iterations * 0.5 / 60)
     assert scaled.iters("03") == scaled.iters("04") == int(1000 * factor)  # 04 still reuses 03's run
     assert scaled.iters("05") == int(200 * factor)
@@ -55,7 +56,7 @@ def test_the_scaled_iterations_reach_the_notebooks_and_the_summary(half_a_second
         papermill, "execute_notebook", lambda src, dst, **kw: seen.update({Path(src).name[:2]: kw["parameters"]})
     )
     assert main(["course", "--profile", "cpu", "--minutes", "100", "--only", "02,03,04", "--out", str(tmp_path)]) == 0
-    iters = course.plan_course("cpu", minutes=100, only=["02", "03", "04"]).iters("03")
+    iters = course_plan.plan_course("cpu", minutes=100, only=["02", "03", "04"]).iters("03")
     assert seen["03"]["iters"] == seen["03"]["compare_iters"] == seen["04"]["iters"] == iters
     assert "iters" not in seen["02"]  # trains nothing
     summary = (tmp_path / "summary.md").read_text()
@@ -64,5 +65,20 @@ def test_the_scaled_iterations_reach_the_notebooks_and_the_summary(half_a_second
 
 def test_timing_runs_the_models_real_updates():
     # No speed is asserted (no timed tests): the timing runs the model's updates and returns a positive number.
-    seconds = course.seconds_per_iteration("smoke", "wgan-gp", 16)
+    seconds = course_plan.seconds_per_iteration("smoke", "wgan-gp", 16)
     assert 0 < seconds < float("inf")
+
+
+def test_results_page_is_written_from_a_runs_summary_with_its_figures(tmp_path):
+    run = tmp_path / "run"
+    (run / "03_training").mkdir(parents=True)
+    (run / "03_training" / "samples.png").write_bytes(b"\x89PNG figure")
+    summary = "# Course run\n\n| 03 | 9.2 |\n\n![03_training/samples.png](03_training/samples.png)\n"
+    (run / "summary.md").write_text(summary)
+    out = tmp_path / "docs" / "results.md"
+    assert main(["results", str(run), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "| 03 | 9.2 |" in page and "![03_training/samples.png](results_files/03_training/samples.png)" in page
+    assert (tmp_path / "docs" / "results_files" / "03_training" / "samples.png").read_bytes() == b"\x89PNG figure"
+    assert page.startswith("<!-- written by `python -m alphagan results")
+    assert main(["results", str(tmp_path / "nothing"), "--out", str(out)]) == 1  # no summary: one line

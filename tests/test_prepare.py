@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from alphagan.data import prepare as prep
+from alphagan.data.cache import Settings, load_cache
 from alphagan.data.dataset import BrainVolumes, augment
-from alphagan.data.prepare import find_inputs, load_cache, load_ras, prepare, to_cube
+from alphagan.data.prepare import find_inputs, load_ras, prepare, to_cube
 
 
 def ellipsoid(shape, radii_vox, value=100.0):
@@ -92,7 +93,7 @@ def test_trim_and_pad_keep_proportions():
 def test_output_range_and_background(tmp_path):
     data, affine = brain_like()
     save(data, tmp_path / "b.nii.gz", affine)
-    volume, info = prep.preprocess(tmp_path / "b.nii.gz", prep.Settings(size=32))
+    volume, info = prep.preprocess(tmp_path / "b.nii.gz", Settings(size=32))
     assert volume.shape == (32, 32, 32) and volume.dtype == np.float32
     assert volume.min() == -1.0 and volume.max() == 1.0
     assert volume[0, 0, 0] == -1.0 and (volume == -1.0).mean() > 0.3  # background stays exactly -1
@@ -231,7 +232,7 @@ def test_layouts(tmp_path):
     nib.save(mgh, adni / "002_S_0295" / "mri" / "T1.mgz")
     found = find_inputs(str(adni))
     assert [e.subject for e in found] == ["002_S_0295"]
-    volume, _ = prep.preprocess(found[0].source, prep.Settings(size=16))
+    volume, _ = prep.preprocess(found[0].source, Settings(size=16))
     assert volume.shape == (16, 16, 16)
 
     atlas = tmp_path / "atlas" / "sub-r001s001" / "ses-1" / "anat"

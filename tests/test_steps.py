@@ -1,4 +1,4 @@
-"""The update table, the data sources, the cached synthetic cohort and the course settings."""
+"""The update table, the data sources, the cached synthetic batches and the course settings."""
 
 import json
 
@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from alphagan import train as train_module
-from alphagan.config import COURSE, MODELS, PROFILES, course_settings, default_profile, make_config
-from alphagan.data import dataset
-from alphagan.data.dataset import Cohort, Source, synthetic_cache, synthetic_volumes
+from alphagan.config import MODELS, PROFILES, default_profile, make_config
+from alphagan.course import settings as course_module
+from alphagan.course.settings import COURSE, course_settings, train_or_reuse
+from alphagan.data import cache
+from alphagan.data.cache import synthetic_cache
+from alphagan.data.dataset import Batches, Source, synthetic_volumes
 from alphagan.data.prepare import normalise, to_cube
 from alphagan.data.synth import make_subject
 from alphagan.models import build_networks
 from alphagan.steps import UPDATES, draw, optimisers, run_update
-from alphagan.train import TrainingDiverged, pick_dtype, train, train_or_reuse
+from alphagan.train import TrainingDiverged, pick_dtype, train
 
 SMOKE = dict(iters=4, ckpt_every=2, sample_every=2, log_every=1, device="cpu")
 
@@ -24,13 +26,13 @@ def test_each_update_changes_exactly_the_networks_it_trains(model):
     cfg = make_config("smoke", model)
     torch.manual_seed(0)
     nets = build_networks(model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden)
-    cohort = Cohort(np.random.default_rng(0).uniform(-1, 1, (6, 16, 16, 16)).astype(np.float32),
+    batches = Batches(np.random.default_rng(0).uniform(-1, 1, (6, 16, 16, 16)).astype(np.float32),
                     torch.device("cpu"), torch.Generator().manual_seed(0))  # fmt: skip
     opts, inputs = optimisers(nets, UPDATES[model], cfg), {}
     for update in UPDATES[model]:
         before = {k: [p.detach().clone() for p in net.parameters()] for k, net in nets.items()}
         grads = {k: [None if p.grad is None else p.grad.clone() for p in net.parameters()] for k, net in nets.items()}
-        draw(update.draws, inputs, cohort, cfg)
+        draw(update.draws, inputs, batches, cfg)
         terms = run_update(update, nets, opts[update.name], inputs, cfg)
         assert terms and all(torch.isfinite(t) for t in terms.values())
         for name, net in nets.items():
@@ -64,7 +66,7 @@ def test_sources_parse_once_and_an_existing_folder_wins(tmp_path, monkeypatch):
 def test_synthetic_cohort_is_made_once_in_parallel_and_equals_direct_synthesis(monkeypatch):
     serial = synthetic_cache(3, 16, seed=7, kind="tumor", contrast="t2", workers=1)
     calls = []
-    monkeypatch.setattr(dataset, "_synth_one", lambda job: calls.append(job))
+    monkeypatch.setattr(cache, "_synth_one", lambda job: calls.append(job))
     assert synthetic_cache(3, 16, seed=7, kind="tumor", contrast="t2") == serial and not calls  # cached
     monkeypatch.undo()
     parallel = synthetic_cache(3, 16, seed=8, kind="tumor", contrast="t2", workers=2)
@@ -78,14 +80,14 @@ def test_synthetic_cohort_is_made_once_in_parallel_and_equals_direct_synthesis(m
 
 def test_cohort_batches_are_augmented_volumes_of_the_cohort():
     volumes = np.linspace(-1, 1, 4 * 16**3, dtype=np.float32).reshape(4, 16, 16, 16)
-    cohort = Cohort(volumes, torch.device("cpu"), torch.Generator().manual_seed(0), flip=False, intensity=(1, 1))
-    x = cohort.batch(8)
+    batches = Batches(volumes, torch.device("cpu"), torch.Generator().manual_seed(0), flip=False, intensity=(1, 1))
+    x = batches.batch(8)
     assert x.shape == (8, 1, 16, 16, 16)
     assert all(any(np.array_equal(v[0].numpy(), ref) for ref in volumes) for v in x)
-    state = cohort.state()
-    again = cohort.batch(8)
-    cohort.set_state(state)
-    assert torch.equal(cohort.batch(8), again)
+    state = batches.state()
+    again = batches.batch(8)
+    batches.set_state(state)
+    assert torch.equal(batches.batch(8), again)
 
 
 def test_precision_auto_is_fp32_on_the_cpu_and_every_choice_maps():
@@ -144,7 +146,7 @@ def test_every_profile_has_course_settings_and_the_gpu_profile_is_the_papers_net
 def test_a_finished_run_is_reused_and_a_stopped_one_resumed(tmp_path, monkeypatch):
     cfg = make_config("smoke", **SMOKE)
     first = train(cfg, "synth", tmp_path / "03", progress=False)
-    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(course_module, "train", lambda *a, **k: pytest.fail("trained again"))
     reused = train_or_reuse(cfg, "synth", tmp_path / "04", reuse=(tmp_path / "03",))
     assert reused.out == tmp_path / "03"
     for k, net in first.nets.items():
@@ -152,7 +154,7 @@ def test_a_finished_run_is_reused_and_a_stopped_one_resumed(tmp_path, monkeypatc
             assert torch.equal(a, b)
     monkeypatch.undo()
     seen = {}
-    monkeypatch.setattr(train_module, "train", lambda *args, resume, overwrite, init: seen.update(resume=resume))
+    monkeypatch.setattr(course_module, "train", lambda *args, resume, overwrite, init: seen.update(resume=resume))
     train_or_reuse(cfg.replace(iters=6), "synth", tmp_path / "03")
     assert seen == {"resume": True}  # iteration 6 not there yet: continue from 4
     train_or_reuse(cfg, "synth:tumor:t1", tmp_path / "other", reuse=(tmp_path / "03",))
@@ -189,13 +191,13 @@ def test_train_runs_the_update_notebook_03_teaches(tmp_path, model):
     torch.manual_seed(cfg.seed)
     volumes, _ = synthetic_volumes(cfg.n_subjects, cfg.size, seed=cfg.seed)
     nets = build_networks(model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
-    cohort = Cohort(volumes, torch.device("cpu"), torch.Generator().manual_seed(cfg.seed * 1000), cfg.flip,
+    batches = Batches(volumes, torch.device("cpu"), torch.Generator().manual_seed(cfg.seed * 1000), cfg.flip,
                     cfg.intensity)  # fmt: skip
     opts, inputs = optimisers(nets, UPDATES[model], cfg, fused=True), {}
     for _ in range(cfg.iters):
         for update in UPDATES[model]:
             for _ in range(update.times(cfg)):
-                draw(update.draws, inputs, cohort, cfg)
+                draw(update.draws, inputs, batches, cfg)
                 run_update(update, nets, opts[update.name], inputs, cfg)
     for k, net in nets.items():
         for (name, a), b in zip(net.state_dict().items(), trained.nets[k].state_dict().values()):

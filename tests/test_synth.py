@@ -118,7 +118,7 @@ def test_cohort_script_makes_the_four_training_caches(tmp_path):
     import sys
     from pathlib import Path
 
-    from alphagan.data.prepare import load_cache
+    from alphagan.data.cache import load_cache
 
     script = Path(__file__).resolve().parent.parent / "data_scripts" / "synth_cohorts.sh"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # this python
@@ -127,3 +127,32 @@ def test_cohort_script_makes_the_four_training_caches(tmp_path):
     for name in ("normal-t1", "tumor-flair", "tumor-t2", "stroke-t1"):
         volumes, manifest, settings = load_cache(tmp_path / f"cache-{name}-16")
         assert volumes.shape == (2, 16, 16, 16) and settings["size"] == 16
+
+
+def test_the_blur_is_a_gaussian_with_replicated_edges_cut_at_three_sigma():
+    import math
+
+    import torch
+    from scipy import ndimage
+
+    from alphagan.data.synth import _blur
+
+    volume = torch.rand(9, 10, 11)
+    for sigma in (0.6, 0.8):
+        radius = max(1, math.ceil(3 * sigma))
+        t = np.arange(-radius, radius + 1)
+        k1 = np.exp(-(t**2) / (2 * sigma**2))
+        k1 /= k1.sum()
+        kernel = k1[:, None, None] * k1[None, :, None] * k1[None, None, :]  # separable: the outer product
+        expected = ndimage.convolve(volume.numpy().astype(np.float64), kernel, mode="nearest")
+        np.testing.assert_allclose(_blur(volume, sigma).numpy(), expected, atol=1e-6)
+
+
+def test_the_rotation_turns_about_x_then_y_then_z():
+    from alphagan.data.synth import _rotation
+
+    np.testing.assert_allclose(_rotation(np.array([90.0, 0, 0])) @ [0, 1, 0], [0, 0, 1], atol=1e-12)  # y to z
+    np.testing.assert_allclose(_rotation(np.array([0, 0, 90.0])) @ [1, 0, 0], [0, 1, 0], atol=1e-12)  # x to y
+    both = _rotation(np.array([90.0, 0, 90.0]))  # x first (y to z), then z (x to y)
+    np.testing.assert_allclose(both @ [0, 1, 0], [0, 0, 1], atol=1e-12)
+    np.testing.assert_allclose(both @ [0, 0, 1], [1, 0, 0], atol=1e-12)

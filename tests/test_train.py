@@ -14,7 +14,7 @@ import torch
 from nilearn import datasets, image
 
 from alphagan import losses
-from alphagan.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from alphagan.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint
 from alphagan.cli import main
 from alphagan.config import MODELS, make_config
 from alphagan.models import Generator
@@ -82,9 +82,7 @@ def test_resume_two_plus_two_equals_four(tmp_path, model):
     train(cfg.replace(iters=2), "synth", tmp_path / "resumed", progress=False)
     resumed = train(cfg, "synth", tmp_path / "resumed", resume=True, progress=False)
     _assert_same(_weights(straight.nets), _weights(resumed.nets))
-    s, r = (
-        load_checkpoint(latest_checkpoint(p / "checkpoints")) for p in (tmp_path / "straight", tmp_path / "resumed")
-    )
+    s, r = (load_checkpoint(p / "checkpoints") for p in (tmp_path / "straight", tmp_path / "resumed"))
     for k in s["optimisers"]:
         for pid, state in s["optimisers"][k]["state"].items():
             assert torch.equal(state["exp_avg_sq"], r["optimisers"][k]["state"][pid]["exp_avg_sq"])
@@ -136,7 +134,7 @@ def test_nan_stops_the_run_naming_term_and_iteration(tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "alpha_wgan_gp_d", poisoned)
     with pytest.raises(TrainingDiverged, match=r"gp_d = nan at iteration 3"):
         train(cfg, "synth", tmp_path, progress=False)
-    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    ckpt = find_checkpoint(tmp_path / "checkpoints")
     assert ckpt.name == "ckpt_00000002.pt"
     state = load_checkpoint(ckpt)
     assert all(torch.isfinite(t).all() for net in state["nets"].values() for t in net.values() if t.is_floating_point())

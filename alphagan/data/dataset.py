@@ -10,19 +10,14 @@ background stays exactly -1 and the generator is not asked to learn a random bac
 from __future__ import annotations
 
 import hashlib
-import itertools
-import multiprocessing
-import os
-import shutil
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from alphagan.data.prepare import load_cache, normalise
+from alphagan.data.cache import load_cache, synthetic_cache
 
 # A cohort that takes at most this share of the GPU's memory lives on the GPU (991 subjects at 64^3: 1 GB).
 RESIDENT_GPU_FRACTION = 0.25
@@ -80,96 +75,16 @@ class Source:
         return str(self.cache) if self.cache else f"synth:{self.kind}:{self.contrast}"
 
 
+def data_digest(data: str) -> str | None:
+    """The SHA-256 of a cache's manifest.tsv (which holds each input's checksum): two caches of the same name but
+    other subjects differ here. None for the synthetic cohort, which its settings define."""
+    source = Source.parse(data)
+    if source.synthetic or not (source.cache / "manifest.tsv").exists():
+        return None
+    return hashlib.sha256((source.cache / "manifest.tsv").read_bytes()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------ the synthetic cohort
-def cache_root() -> Path:
-    """Where synthetic cohorts are cached: $ALPHAGAN_CACHE, else ~/.cache/alphagan."""
-    return Path(os.environ.get("ALPHAGAN_CACHE") or Path.home() / ".cache" / "alphagan")
-
-
-def _synthesis_version() -> str:
-    """A digest of the code that makes a subject, so that a cache made by other code is never reused."""
-    here = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for name in ("synth.py", "prepare.py", "dataset.py"):
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def _synth_one(args: tuple[int, int, int, str, str]) -> tuple[int, np.ndarray, float]:
-    """Subject `index` preprocessed as `prepare` would do it: synthesised at twice the target resolution (at most
-    the 128^3 grid of 1.5 mm voxels, close to the template's own detail), then trimmed, padded and resized like
-    real data."""
-    from alphagan.data.prepare import to_cube
-    from alphagan.data.synth import make_subject
-
-    index, seed, size, kind, contrast = args
-    subject = make_subject(index, seed=seed, size=min(2 * size, 128), kind=kind, contrast=contrast)
-    cube, fov_mm = to_cube(subject.volume, np.abs(np.diag(subject.affine)[:3]), size)
-    return index, normalise(cube), fov_mm
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # one process per core: threads inside each would only compete
-
-
-def synthetic_cache(
-    n: int,
-    size: int,
-    seed: int = 0,
-    kind: str = "normal",
-    contrast: str = "t1",
-    workers: int | None = None,
-    progress: bool = False,
-) -> Path:
-    """The cache folder of a synthetic cohort, made once (in parallel processes) and reused by every later call
-    with the same settings. It has the layout of a `prepare` cache, so `load_cache` reads it."""
-    from alphagan.data.prepare import Entry, Settings, write_cache_tables
-    from alphagan.progress import tqdm
-
-    folder = cache_root() / f"synth-{kind}-{contrast}-{size}-n{n}-seed{seed}-{_synthesis_version()}"
-    if (folder / "settings.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        volumes = np.lib.format.open_memmap(tmp / "volumes.npy", "w+", np.float32, (n, size, size, size))
-        fovs = [0.0] * n
-        jobs = [(i, seed, size, kind, contrast) for i in range(n)]
-        workers = max(1, min(workers or os.cpu_count() or 1, n))
-        bar = tqdm(total=n, desc=f"synthetic cohort {kind} {contrast}", unit="subj", disable=not progress)
-        # Subject 0 here first: it loads the template, which forked workers then inherit instead of reading it.
-        first, pool = _synth_one(jobs[0]), None
-        rest = map(_synth_one, jobs[1:])
-        if workers > 1:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_worker_init)
-            rest = pool.map(_synth_one, jobs[1:], chunksize=max(1, n // (8 * workers)))
-        # Written as they arrive: the cohort is never held in memory.
-        for index, volume, fov_mm in itertools.chain([first], rest):
-            volumes[index], fovs[index] = volume, fov_mm
-            bar.update()
-        bar.close()
-        if pool is not None:
-            pool.shutdown()
-        volumes.flush()
-        del volumes
-        source = f"synth:{kind}:{contrast}:seed{seed}"
-        entries = [Entry(source, f"sub-{i:05d}", -1, fov_mm=fov_mm) for i, fov_mm in enumerate(fovs)]
-        settings = {**asdict(Settings(size=size)), "synthetic": dict(kind=kind, contrast=contrast, seed=seed, n=n)}
-        write_cache_tables(tmp, settings, entries, [])
-        os.replace(tmp, folder)
-    except OSError:
-        if (folder / "settings.json").exists():  # another process finished the same cohort first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return folder
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def _median_fov(manifest: list[dict]) -> float:
     """The field of view (cube edge, mm) given to the volumes of a cache: the median of its rows'."""
     return float(np.median([float(row["fov_mm"]) for row in manifest]))
@@ -202,7 +117,7 @@ def load_training_volumes(
 
 
 # ------------------------------------------------------------------------------------------------ batches
-class Cohort:
+class Batches:
     """The training volumes, and random augmented batches of them on the device that trains.
 
     On a GPU, a cohort that fits in `RESIDENT_GPU_FRACTION` of its memory is copied there once, chunk by chunk,

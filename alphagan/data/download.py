@@ -21,7 +21,9 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class Source:
+class Archive:
+    """A dataset's download: where, its published checksum, and what `prepare` finds in it."""
+
     url: str
     md5: str
     layout: str  # the `prepare --layout` of the extracted files
@@ -29,20 +31,20 @@ class Source:
 
 
 # Checksums as published with these archives (they are also the values MONAI and TorchIO pin).
-SOURCES = {
-    "ixi-t1": Source(
+ARCHIVES = {
+    "ixi-t1": Archive(
         "http://biomedic.doc.ic.ac.uk/brain-development/downloads/IXI/IXI-T1.tar",
         "34901a0593b41dd19c1a1f746eac2d58",
         "ixi",
         ".",
     ),
-    "ixi-t2": Source(
+    "ixi-t2": Archive(
         "http://biomedic.doc.ic.ac.uk/brain-development/downloads/IXI/IXI-T2.tar",
         "e3140d78730ecdd32ba92da48c0a9aaa",
         "ixi",
         ".",
     ),
-    "decathlon-brain": Source(
+    "decathlon-brain": Archive(
         "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task01_BrainTumour.tar",
         "240a19d752f0d9e9101544901065d872",
         "decathlon",
@@ -132,20 +134,20 @@ def safe_extract(archive: str | Path, target: str | Path) -> list[Path]:
     return [target / m.name for m in members if m.isfile()]
 
 
-def get_dataset(name: str, root: str | Path, source: Source | None = None, progress: bool = True) -> tuple[Path, str]:
+def get_dataset(name: str, root: str | Path, archive: Archive | None = None, progress: bool = True) -> tuple[Path, str]:
     """Download and extract dataset `name` under `root`; returns the image folder and its `prepare` layout.
 
-    `source` replaces the entry of SOURCES (a mirror, or a test server); its checksum applies all the same.
+    `archive` replaces the entry of ARCHIVES (a mirror, or a test server); its checksum applies all the same.
     """
-    if source is None:
-        if name not in SOURCES:
-            raise ValueError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}")
-        source = SOURCES[name]
+    if archive is None:
+        if name not in ARCHIVES:
+            raise ValueError(f"unknown dataset {name!r}; known: {sorted(ARCHIVES)}")
+        archive = ARCHIVES[name]
     root = Path(root)
-    archive = fetch(source.url, root / "archives" / Path(source.url).name, source.md5, progress=progress)
+    path = fetch(archive.url, root / "archives" / Path(archive.url).name, archive.md5, progress=progress)
     folder = root / name
     done = folder / ".extracted"
-    if not done.exists() or done.read_text() != source.md5:
-        safe_extract(archive, folder)
-        done.write_text(source.md5)
-    return folder / source.subfolder, source.layout
+    if not done.exists() or done.read_text() != archive.md5:
+        safe_extract(path, folder)
+        done.write_text(archive.md5)
+    return folder / archive.subfolder, archive.layout

@@ -15,7 +15,6 @@ beside it); volumes stream into the array as they are made, so memory does not g
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
 import glob
 import hashlib
@@ -31,35 +30,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
+from alphagan.folders import end_with_parent, reserved_array
+
 LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
 DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
 MAX_VOXELS = 512**3  # a header promising more is refused before its data are read (1 mm brains: about 8 M voxels)
 MIN_BRAIN_EXTENT_MM = 50.0  # a brain is at least this long on every axis (adult brains: 140-180 mm)
-CACHE_VERSION = 2  # 2: the manifest column cube_mm is called fov_mm, like everywhere else
 
 
 class InputError(ValueError):
     """A file that cannot be used, with the plain reason."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    size: int = 64
-    stretch: bool = False  # resize each axis straight to `size` (the authors' code) instead of padding to a cube
-    percentile: float = 99.5  # upper intensity reference inside the brain, mapped to +1
-    version: int = CACHE_VERSION
-
-
-@dataclass
-class Entry:
-    source: str
-    subject: str
-    channel: int  # volume index inside a 4-D file (Decathlon), else -1
-    shape: str = ""
-    spacing: str = ""
-    sha256: str = ""
-    fov_mm: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- finding files
@@ -93,11 +75,52 @@ def detect_layout(root: Path) -> str:
     return "flat"
 
 
+def _is_pattern(src: str) -> bool:
+    """A glob pattern, unless a file or folder of that very name exists (`study[1]` is a folder, not a pattern)."""
+    return glob.has_magic(src) and not Path(src).exists()
+
+
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".7z", ".rar")
+OTHER_FORMATS = {".dcm": "DICOM", ".ima": "DICOM", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
+                 ".mhd": "MetaImage", ".img": "Analyze", ".hdr": "Analyze", ".par": "Philips PAR/REC"}  # fmt: skip
+
+
+def _format_of(path: Path) -> str | None:
+    """The name of a format `prepare` does not read, judged by suffix (and DICOM's magic bytes), else None."""
+    name = path.name.lower()
+    if name.endswith(ARCHIVES):
+        return "archive"
+    suffix = next((s for s in OTHER_FORMATS if name.endswith(s)), None)
+    if suffix:
+        return OTHER_FORMATS[suffix]
+    try:
+        with open(path, "rb") as f:
+            return "DICOM" if f.read(132)[128:] == b"DICM" else None
+    except OSError:
+        return None
+
+
+def why_no_inputs(src: str) -> str:
+    """What `src` holds instead of NIfTI/MGH volumes, and what to do about it."""
+    root = Path(src)
+    files = (
+        [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())[:2000] if root.is_dir() else []
+    )
+    formats = {f for f in map(_format_of, files) if f}
+    if "archive" in formats:
+        return "it holds an archive (zip/tar); unpack it and give the folder as --src"
+    if "DICOM" in formats:
+        return "it holds DICOM files; convert them to NIfTI first (dcm2niix -z y -o OUT IN) and give that folder"
+    if formats:
+        return f"it holds {', '.join(sorted(formats))} files; convert them to NIfTI (.nii.gz) first"
+    return "no .nii, .nii.gz, .mgh or .mgz files under it"
+
+
 def find_inputs(src: str, layout: str = "auto", modality: str | None = None) -> list[Entry]:
     """The input volumes of `src` (a folder or a glob pattern) for `layout` and `modality`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if any(ch in src for ch in "*?["):
+    if _is_pattern(src):
         return [
             Entry(str(Path(p)), _stem(Path(p)), -1)
             for p in sorted(glob.glob(src, recursive=True))
@@ -105,6 +128,8 @@ def find_inputs(src: str, layout: str = "auto", modality: str | None = None) -> 
         ]
     root = Path(src)
     if root.is_file():
+        if not _is_image(root):
+            raise ValueError(f"{src}: not a NIfTI or MGH volume; {why_no_inputs(src)}")
         return [Entry(str(root), _stem(root), -1)]
     if not root.is_dir():
         raise FileNotFoundError(f"{src}: no such file or folder")
@@ -296,17 +321,9 @@ def _read_previous(out: Path, settings: Settings) -> dict[tuple[str, int, str], 
     return {(r["source"], int(r["channel"]), r["sha256"]): (volumes[i], r) for i, r in enumerate(rows)}
 
 
-def read_manifest(cache: str | Path) -> list[dict]:
-    with open(Path(cache) / "manifest.tsv", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
-
-
-CACHE_FILES = frozenset({"volumes.npy", "manifest.tsv", "rejected.tsv", "settings.json"})
-
-
 def _check_out(src: str, out: Path) -> None:
     """`prepare` writes only into a folder that is absent, empty or a cache of its own, and never over its inputs."""
-    root = Path(re.split(r"[*?\[]", src)[0]) if glob.has_magic(src) else Path(src)
+    root = Path(re.split(r"[*?\[]", src)[0]) if _is_pattern(src) else Path(src)
     root, target = root.resolve(), out.resolve()
     if target == root or target in root.parents:
         raise ValueError(f"{out}: the inputs ({src}) lie inside this folder; choose an --out outside them")
@@ -355,7 +372,9 @@ def prepare(
     _check_out(src, out)
     entries = find_inputs(src, layout, modality)
     if not entries:
-        raise FileNotFoundError(f"{src}: no input images found (layout {layout!r}, modality {modality!r})")
+        raise FileNotFoundError(
+            f"{src}: no input images found (layout {layout!r}, modality {modality!r}): {why_no_inputs(src)}"
+        )
     with _locked(out):
         return _prepare_locked(entries, src, out, settings, workers, progress)
 
@@ -380,9 +399,7 @@ def _prepare_locked(
     tmp.mkdir()
     try:
         # Volumes are written as they arrive, into a scratch array in input order; never all held in memory.
-        scratch = np.lib.format.open_memmap(
-            tmp / "scratch.npy", "w+", np.float32, (len(entries),) + (settings.size,) * 3
-        )
+        scratch = reserved_array(tmp / "scratch.npy", (len(entries),) + (settings.size,) * 3)
         ok = [False] * len(entries)
         rejected: list[tuple[str, str]] = []
         for index, entry in reused:
@@ -392,7 +409,9 @@ def _prepare_locked(
         workers = workers or min(len(todo), os.cpu_count() or 1) or 1
         jobs = [(entry, settings) for _, entry in todo]
         with (
-            ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool,
+            ProcessPoolExecutor(workers, initializer=end_with_parent)
+            if workers > 1
+            else contextlib.nullcontext() as pool,
             tqdm(total=len(todo), desc="prepare", unit="vol", disable=not progress) as bar,
         ):
             results = pool.map(_work, jobs, chunksize=1) if pool else map(_work, jobs)
@@ -436,52 +455,9 @@ def _write_cache_files(
     entries: list[Entry],
     rejected: list[tuple[str, str]],
 ) -> None:
-    volumes = np.lib.format.open_memmap(
-        folder / "volumes.npy", mode="w+", dtype=np.float32, shape=(len(rows),) + (settings.size,) * 3
-    )
+    volumes = reserved_array(folder / "volumes.npy", (len(rows),) + (settings.size,) * 3)
     for i, row in enumerate(rows):
         volumes[i] = scratch[row]
     volumes.flush()
     del volumes
     write_cache_tables(folder, asdict(settings), entries, rejected)
-
-
-def write_cache_tables(folder: Path, settings: dict, entries: list[Entry], rejected: list[tuple[str, str]]) -> None:
-    """A cache's manifest (one row per volume of volumes.npy), rejected.tsv and settings.json."""
-    with open(folder / "manifest.tsv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(Entry.__dataclass_fields__), delimiter="\t")
-        writer.writeheader()
-        for entry in entries:
-            writer.writerow(asdict(entry))
-    with open(folder / "rejected.tsv", "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["source", "reason"])
-        writer.writerows(rejected)
-    (folder / "settings.json").write_text(json.dumps(settings, indent=2))
-
-
-def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:
-    """The memory-mapped volumes, the manifest rows and the settings of a cache folder, checked against each
-    other: a damaged cache is refused here, naming the file, rather than deep inside a model."""
-    cache = Path(cache)
-    if not cache.is_dir():
-        raise FileNotFoundError(f"{cache}: no such folder; prepare a cache with `python -m alphagan prepare`")
-    if not (cache / "volumes.npy").exists():
-        raise FileNotFoundError(f"{cache}: not a prepared cache (no volumes.npy); run `python -m alphagan prepare`")
-    try:
-        volumes = np.load(cache / "volumes.npy", mmap_mode="r")
-        settings = json.loads((cache / "settings.json").read_text())
-        manifest = read_manifest(cache)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{cache}: damaged cache ({type(exc).__name__}: {exc}); prepare it again") from None
-    size = settings.get("size")
-    if volumes.ndim != 4 or volumes.shape[1:] != (size, size, size):
-        raise ValueError(f"{cache / 'volumes.npy'}: shape {volumes.shape} but settings.json says {size}³ volumes")
-    if len(manifest) != len(volumes):
-        raise ValueError(f"{cache / 'manifest.tsv'}: {len(manifest)} rows for {len(volumes)} volumes; prepare it again")
-    if not len(volumes):
-        raise ValueError(f"{cache}: the cache holds no volume")
-    fovs = [float(row.get("fov_mm") or "nan") for row in manifest]
-    if not all(np.isfinite(f) and f > 0 for f in fovs):
-        raise ValueError(f"{cache / 'manifest.tsv'}: a fov_mm that is not a positive number; prepare it again")
-    return volumes, manifest, settings

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import functools
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, voxel_ml
+from alphagan.folders import atomic, claim
 
 KINDS = ("normal", "tumor", "stroke")
 CONTRASTS = ("t1", "t2", "flair")
@@ -150,11 +151,8 @@ def _smooth_field(
 
 
 def _rotation(angles_deg: np.ndarray) -> np.ndarray:
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
-    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
-    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    """Rotation about x, then y, then z (fixed axes), by angles in degrees."""
+    return Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix()
 
 
 def _soft_ball(
@@ -297,19 +295,10 @@ def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal"
 
 
 def _blur(volume: torch.Tensor, sigma_vox: float) -> torch.Tensor:
-    """Separable Gaussian blur of a 3-D tensor (edge values replicated)."""
-    radius = max(1, int(math.ceil(3 * sigma_vox)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(t**2) / (2 * sigma_vox**2))
-    kernel = kernel / kernel.sum()
-    out = volume[None, None]
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = len(kernel)
-        pad = [0] * 6
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.view(shape))
-    return out[0, 0]
+    """Gaussian blur of a 3-D tensor, edge values replicated, the kernel cut at 3 sigma (at least one voxel)."""
+    radius = max(1, math.ceil(3 * sigma_vox))
+    blurred = ndimage.gaussian_filter(volume.numpy(), sigma_vox, mode="nearest", radius=radius)
+    return torch.from_numpy(blurred)
 
 
 def subject_id(index: int, kind: str, contrast: str) -> str:
@@ -317,25 +306,21 @@ def subject_id(index: int, kind: str, contrast: str) -> str:
 
 
 def _write_nifti(volume: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write atomically: a reader never sees a half-written file."""
     img = nib.Nifti1Image(volume, affine)
     img.header.set_xyzt_units("mm")
     img.header.set_qform(affine, code=4)  # 4: MNI152 space
     img.header.set_sform(affine, code=4)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        nib.save(img, tmp)
 
 
 def write_table(rows: list[dict], path: Path) -> None:
-    """Write a tab-separated table atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    """Write a tab-separated table (floats to four decimals), atomically."""
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def make_cohort(
@@ -346,25 +331,30 @@ def make_cohort(
     contrast: str = "t1",
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `n` subjects as NIfTI files and `participants.tsv` of their factors into `out`."""
+    """Write `n` subjects as NIfTI files and `participants.tsv` of their factors into `out`, a folder that is new,
+    empty or an earlier cohort of this function's (`alphagan.folders.claim`: other settings need `overwrite`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from alphagan.progress import tqdm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if n < 1:
+        raise ValueError(f"a cohort needs at least one subject, got n={n}")
+    names = [subject_id(index, kind, contrast) for index in range(n)]
+    settings = dict(n=n, size=size, kind=kind, contrast=contrast, seed=seed)
+    writes = [f"{name}.nii.gz" for name in names] + ["participants.tsv"]
     rows = []
     # Synthesis runs in this process (torch uses all cores for it); gzip compression, which releases the
     # GIL, overlaps with it in a writer thread.
-    with ThreadPoolExecutor(max_workers=2) as writer:
+    with claim(out, "synth", settings, writes, overwrite=overwrite) as owned, ThreadPoolExecutor(2) as writer:
         pending = []
         for index in tqdm(range(n), desc=f"synth {kind} {contrast}", disable=not progress, unit="subj"):
             subject = make_subject(index, seed=seed, size=size, kind=kind, contrast=contrast)
-            name = subject_id(index, kind, contrast)
-            pending.append(writer.submit(_write_nifti, subject.volume, subject.affine, out / f"{name}.nii.gz"))
-            rows.append({"subject": name, **subject.factors})
+            path = owned.folder / f"{names[index]}.nii.gz"
+            pending.append(writer.submit(_write_nifti, subject.volume, subject.affine, path))
+            rows.append({"subject": names[index], **subject.factors})
         for job in pending:
             job.result()
-    write_table([{c: row[c] for c in FACTOR_COLUMNS} for row in rows], out / "participants.tsv")
-    return out
+        write_table([{c: row[c] for c in FACTOR_COLUMNS} for row in rows], owned.folder / "participants.tsv")
+    return Path(out)

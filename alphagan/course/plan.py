@@ -1,0 +1,133 @@
+"""The course's plan on this machine: the training runs of notebooks 03-06, what an iteration of each kind costs
+here (timed before notebook 01), and, with a budget (`course --minutes`), their iterations scaled to fit it, never
+below the profile's floor (`Course.min_iters`), where a model would not yet make brain-shaped volumes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+from alphagan.config import make_config
+from alphagan.course.settings import course_settings
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training run a notebook makes: the model and latent size (what an iteration costs), its iterations,
+    and whether it starts from random weights (then the profile's floor applies) or fine-tunes notebook 03's."""
+
+    model: str
+    latent: int
+    iters: int
+    from_scratch: bool = True
+
+
+@dataclass
+class Plan:
+    """What the course will train, per notebook, and what an iteration of each kind costs on this machine."""
+
+    profile: str
+    runs: dict[str, list[TrainingRun]]
+    seconds: dict[tuple[str, int], float] = field(default_factory=dict)  # (model, latent) -> s per iteration
+
+    def minutes(self, notebook: str) -> float:
+        """Training minutes of one notebook here (synthesis and evaluation come on top)."""
+        return sum(r.iters * self.seconds[(r.model, r.latent)] for r in self.runs.get(notebook, [])) / 60
+
+    def iters(self, notebook: str) -> int | None:
+        """The iterations of a notebook's training runs (one number per notebook), None if it trains nothing."""
+        runs = self.runs.get(notebook)
+        return runs[0].iters if runs else None
+
+    def parameters(self, notebook: str) -> dict[str, int]:
+        """What the runner passes to a notebook's `parameters` cell."""
+        iters = self.iters(notebook)
+        return {} if iters is None else {"iters": iters, **({"compare_iters": iters} if notebook == "03" else {})}
+
+    def table(self) -> str:
+        lines = ["| notebook | training runs | iterations each | training minutes here |", "|---|---:|---:|---:|"]
+        for notebook, runs in self.runs.items():
+            models = ", ".join(sorted({r.model if r.latent == 1000 else f"{r.model} z{r.latent}" for r in runs}))
+            lines.append(f"| {notebook} | {len(runs)} ({models}) | {runs[0].iters} | {self.minutes(notebook):.1f} |")
+        total = sum(self.minutes(n) for n in self.runs)
+        return "\n".join([*lines, f"| all | {sum(map(len, self.runs.values()))} | | {total:.1f} |"])
+
+
+def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str, list[TrainingRun]]:
+    """The training runs of notebooks 03-06 at `profile` (`iters`: a notebook's iterations instead of the
+    profile's), as the notebooks make them."""
+    course, cfg = course_settings(profile), make_config(profile)
+    own = iters or {}
+    it = {nb: own.get(nb, default) for nb, default in (("03", cfg.iters), ("04", cfg.iters),
+          ("05", course.diseased_iters or cfg.iters), ("06", course.aug_iters or cfg.iters))}  # fmt: skip
+    scratch = not course.warm_start
+    runs = {"03": [TrainingRun("alpha-wgan-gp", cfg.latent, it["03"])] * 2}  # this run and the paper as written
+    others = [TrainingRun(m, cfg.latent, it["04"]) for m in course.eval_models if m != "alpha-wgan-gp"]
+    latents = [TrainingRun("alpha-wgan-gp", z, it["04"]) for z in course.latents if z != cfg.latent]
+    if others or latents:
+        runs["04"] = others + latents
+    runs["05"] = [TrainingRun("alpha-wgan-gp", cfg.latent, it["05"], scratch)] * len(course.diseased_cohorts)
+    runs["06"] = [TrainingRun("alpha-wgan-gp", cfg.latent, it["06"], scratch)] * 2  # one generator per class
+    return runs
+
+
+def seconds_per_iteration(profile: str, model: str, latent: int, warmup: int = 1, timed: int = 2) -> float:
+    """Seconds of one training iteration of `model` at `profile`'s settings on this machine, timed on random
+    volumes with the iteration `train()` runs (`steps.iteration`), after `warmup` untimed iterations."""
+    import numpy as np
+    import torch
+
+    from alphagan.data.dataset import Batches
+    from alphagan.models import build_networks
+    from alphagan.steps import UPDATES, iteration, optimisers, run_update
+    from alphagan.train import Graphed, pick_device, pick_dtype
+
+    cfg = make_config(profile, model, latent=latent)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.precision, device)
+    nets = build_networks(model, cfg.size, cfg.width, latent, cfg.code_hidden, cfg.critic_norm)
+    nets = {k: v.to(device) for k, v in nets.items()}
+    volumes = np.random.default_rng(0).uniform(-1, 1, (2 * cfg.batch, *[cfg.size] * 3)).astype(np.float32)
+    batches = Batches(volumes, device, torch.Generator(device=device).manual_seed(0))
+    updates = UPDATES[model]
+    opts, inputs = optimisers(nets, updates, cfg, fused=True), {}
+    autocast = partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
+    step = Graphed(
+        {u.name: partial(run_update, u, nets, opts[u.name], inputs, cfg, autocast=autocast) for u in updates}
+    )
+    synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for n in (warmup, timed):
+        synchronise()
+        start = time.perf_counter()
+        for _ in range(n):
+            iteration(updates, step, inputs, batches, cfg)
+        synchronise()
+    return (time.perf_counter() - start) / timed
+
+
+def plan_course(profile: str, minutes: float | None = None, only: list[str] | None = None) -> Plan:
+    """Time each kind of training run of the course at `profile` here; with `minutes`, scale every notebook's
+    iterations so that training fits them. Raises ValueError when that falls below the profile's floor."""
+    runs = {nb: r for nb, r in training_runs(profile).items() if only is None or nb in only}
+    plan = Plan(profile, runs)
+    for kind in sorted({(r.model, r.latent) for rs in runs.values() for r in rs}):
+        plan.seconds[kind] = seconds_per_iteration(profile, *kind)
+    planned = sum(plan.minutes(nb) for nb in runs)
+    if minutes is None or planned <= 0:
+        return plan
+    scale = minutes / planned
+    iters = {nb: max(1, int(rs[0].iters * scale)) for nb, rs in runs.items()}
+    floor = course_settings(profile).min_iters
+    short = [nb for nb, rs in runs.items() if rs[0].from_scratch and iters[nb] < floor]
+    if short:
+        needed = math.ceil(max(floor / rs[0].iters for nb, rs in runs.items() if nb in short) * planned)
+        raise ValueError(
+            f"--minutes {minutes:g} gives notebook {short[0]}'s models {iters[short[0]]} iterations on this machine, "
+            f"below the {profile} profile's floor of {floor} (fewer do not make brain-shaped volumes); give "
+            f"--minutes {needed} or more, or a smaller profile"
+        )
+    scaled = training_runs(profile, iters)
+    return Plan(profile, {nb: scaled[nb] for nb in runs}, plan.seconds)

@@ -1,0 +1,119 @@
+"""What the course's notebooks do at each profile besides one training run's `Config` (`COURSE`), the banner
+each notebook opens with, where a later notebook finds notebook 03's run, and the reuse of finished runs that lets
+notebooks 04-06 skip training what an earlier notebook (or an earlier course run) already trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alphagan.config import MODELS, Config
+from alphagan.train import TrainResult, finished_run, stopped_run, train
+
+
+@dataclass(frozen=True)
+class Course:
+    """What the notebooks do at a profile besides one training run's `Config`: cohort and evaluation sizes, which
+    models notebooks 04-06 train and for how long, whether they start from notebook 03's weights, and the fewest
+    iterations from random weights that the course runner's `--minutes` may scale a run down to."""
+
+    data_subjects: int  # 01: subjects written as NIfTI and prepared
+    eval_models: tuple[str, ...]  # 04: the models of Table 1 (the alpha-WGAN-GP is notebook 03's)
+    latents: tuple[int, ...]  # 04: the latent sizes compared (empty: no comparison)
+    n_eval: int  # 04: real and generated volumes per model
+    pairs: int  # 04: random pairs for MS-SSIM
+    diseased_cohorts: tuple[str, ...]  # 05: kind:contrast
+    diseased_iters: int | None  # 05 (None: the profile's)
+    diseased_subjects: int | None  # 05
+    diseased_eval: int  # 05: real and generated volumes compared per cohort
+    aug_real: int  # 06: real training subjects per class
+    aug_generated: int  # 06: generated volumes per class
+    aug_test: int  # 06: held-out real test subjects per class
+    aug_iters: int | None  # 06: generator training
+    aug_seeds: int  # 06: classifier seeds
+    # 05 and 06 start from notebook 03's weights (fine-tuning) instead of at random: on a CPU a generator needs
+    # about 1 000 iterations to make brain-shaped volumes from scratch, a few hundred from 03's.
+    warm_start: bool
+    min_iters: int  # from random weights, fewer do not make brain-shaped volumes (anatomy.brain_shape)
+
+
+COHORTS = ("tumor:flair", "tumor:t2", "stroke:t1")
+COURSE: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        data_subjects=12, eval_models=MODELS, latents=(8, 16), n_eval=16, pairs=40, diseased_cohorts=COHORTS,
+        diseased_iters=4, diseased_subjects=12, diseased_eval=8, aug_real=4, aug_generated=8, aug_test=8, aug_iters=4,
+        aug_seeds=2, warm_start=True, min_iters=1,
+    ),
+    # Table 1's four models and Fig. 3c's three latent sizes, each trained 1 000 iterations from random weights
+    # (800 at least: brain-shaped from there, docs/method.md section 5); 05 and 06 fine-tune 03's model.
+    "cpu": dict(
+        data_subjects=128, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=48, pairs=200,
+        diseased_cohorts=COHORTS, diseased_iters=200, diseased_subjects=64, diseased_eval=24, aug_real=8,
+        aug_generated=32, aug_test=40, aug_iters=200, aug_seeds=3, warm_start=True,
+        min_iters=800,
+    ),
+    "gpu": dict(
+        data_subjects=64, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=256, pairs=1000,
+        diseased_cohorts=COHORTS, diseased_iters=None, diseased_subjects=256, diseased_eval=128, aug_real=32,
+        aug_generated=128, aug_test=200, aug_iters=None, aug_seeds=5, warm_start=False, min_iters=1000,
+    ),
+    "paper": dict(
+        data_subjects=64, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=512, pairs=1000,
+        diseased_cohorts=COHORTS, diseased_iters=None, diseased_subjects=None, diseased_eval=256, aug_real=32,
+        aug_generated=128, aug_test=200, aug_iters=None, aug_seeds=5, warm_start=False, min_iters=1000,
+    ),
+}  # fmt: skip
+
+
+def course_settings(profile: str, **overrides: Any) -> Course:
+    """The course's settings at `profile`; `overrides` that are None keep the profile's value."""
+    if profile not in COURSE:
+        raise ValueError(f"profile must be one of {sorted(COURSE)}, got {profile!r}")
+    return Course(**{**COURSE[profile], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def device_banner(profile: str, cfg: Config) -> str:
+    """One line saying where this runs and with which settings, for the top of a notebook."""
+    import os
+
+    import torch
+
+    where = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return (
+        f"{where}: profile {profile}, {cfg.model}, {cfg.size}³ volumes, width {cfg.width}, latent {cfg.latent}, "
+        f"batch {cfg.batch}, {cfg.iters} iterations"
+    )
+
+
+def notebook_03_run(run_dir: str | Path) -> Path:
+    """Notebook 03's training run, seen from the `run_dir` of a later notebook of the same course run (the course
+    runner gives every notebook a folder of one run folder; run alone, the notebooks default to runs/NN_name)."""
+    return Path(run_dir).parent / "03_training" / "run"
+
+
+def notebook_03_model(run_dir: str | Path) -> Path:
+    """The checkpoint folder of notebook 03's model, which notebooks 05 and 06 start from at the `cpu` profile."""
+    folder = notebook_03_run(run_dir) / "checkpoints"
+    if not any(folder.glob("ckpt_*.pt")):
+        raise FileNotFoundError(
+            f"{folder}: no checkpoint of notebook 03; run notebook 03 first, or set warm_start = False (then raise "
+            f"iters: from random weights a model needs about 1000 iterations to make brain-shaped volumes at 32³)"
+        )
+    return folder
+
+
+def train_or_reuse(
+    cfg: Config, data: str, out: str | Path, reuse: tuple[str | Path, ...] = (), init: str | Path | None = None
+) -> TrainResult:
+    """The run `cfg` on `data` (from the weights of `init`, if given), trained only when no finished one exists
+    (`train.finished_run`) in `out` or one of `reuse` (e.g. notebook 03's run). A run in `out` that stopped
+    earlier is resumed; otherwise `out` is trained from the start."""
+    for folder in (Path(out), *map(Path, reuse)):
+        found = finished_run(folder, cfg, data, init)
+        if found is not None:
+            print(f"{cfg.model}: reusing the finished run in {folder} (iteration {cfg.iters})")
+            return found
+    resume = stopped_run(out, init)
+    return train(cfg, data, out, resume=resume, overwrite=not resume, init=init)

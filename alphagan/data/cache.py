@@ -1,0 +1,207 @@
+"""The training cache: its format (`volumes.npy`, memory-mappable; `manifest.tsv`, one row per volume;
+`rejected.tsv`; `settings.json`), read and checked by `load_cache`, and the synthetic cohort made once into a cache
+of that format (`synthetic_cache`). `prepare` writes caches of real data (alphagan/data/prepare.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alphagan.folders import end_with_parent, remove_abandoned, reserved_array
+
+CACHE_VERSION = 2  # 2: the manifest column cube_mm is called fov_mm, like everywhere else
+CACHE_FILES = frozenset({"volumes.npy", "manifest.tsv", "rejected.tsv", "settings.json"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How `prepare` made a cache (settings.json): a cache made otherwise is made again, not reused."""
+
+    size: int = 64
+    stretch: bool = False  # resize each axis straight to `size` (the authors' code) instead of padding to a cube
+    percentile: float = 99.5  # upper intensity reference inside the brain, mapped to +1
+    version: int = CACHE_VERSION
+
+
+@dataclass
+class Entry:
+    """One volume of a cache, as its manifest row records it."""
+
+    source: str
+    subject: str
+    channel: int  # volume index inside a 4-D file (Decathlon), else -1
+    shape: str = ""
+    spacing: str = ""
+    sha256: str = ""
+    fov_mm: float = 0.0
+
+
+def read_manifest(cache: str | Path) -> list[dict]:
+    """The rows of a cache's manifest.tsv."""
+    with open(Path(cache) / "manifest.tsv", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def write_cache_tables(folder: Path, settings: dict, entries: list[Entry], rejected: list[tuple[str, str]]) -> None:
+    """A cache's manifest (one row per volume of volumes.npy), rejected.tsv and settings.json."""
+    with open(folder / "manifest.tsv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(Entry.__dataclass_fields__), delimiter="\t")
+        writer.writeheader()
+        for entry in entries:
+            writer.writerow(asdict(entry))
+    with open(folder / "rejected.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["source", "reason"])
+        writer.writerows(rejected)
+    (folder / "settings.json").write_text(json.dumps(settings, indent=2))
+
+
+def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:
+    """The memory-mapped volumes, the manifest rows and the settings of a cache folder, checked against each
+    other: a damaged cache is refused here, naming the file, rather than deep inside a model."""
+    cache = Path(cache)
+    if not cache.is_dir():
+        raise FileNotFoundError(f"{cache}: no such folder; prepare a cache with `python -m alphagan prepare`")
+    if not (cache / "volumes.npy").exists():
+        raise FileNotFoundError(f"{cache}: not a prepared cache (no volumes.npy); run `python -m alphagan prepare`")
+    try:
+        volumes = np.load(cache / "volumes.npy", mmap_mode="r")
+        settings = json.loads((cache / "settings.json").read_text())
+        manifest = read_manifest(cache)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{cache}: damaged cache ({type(exc).__name__}: {exc}); prepare it again") from None
+    size = settings.get("size")
+    if volumes.ndim != 4 or volumes.shape[1:] != (size, size, size):
+        raise ValueError(f"{cache / 'volumes.npy'}: shape {volumes.shape} but settings.json says {size}³ volumes")
+    if len(manifest) != len(volumes):
+        raise ValueError(f"{cache / 'manifest.tsv'}: {len(manifest)} rows for {len(volumes)} volumes; prepare it again")
+    if not len(volumes):
+        raise ValueError(f"{cache}: the cache holds no volume")
+    fovs = [float(row.get("fov_mm") or "nan") for row in manifest]
+    if not all(np.isfinite(f) and f > 0 for f in fovs):
+        raise ValueError(f"{cache / 'manifest.tsv'}: a fov_mm that is not a positive number; prepare it again")
+    _check_intensities(cache / "volumes.npy", volumes, manifest)
+    return volumes, manifest, settings
+
+
+def _check_intensities(path: Path, volumes: np.ndarray, manifest: list[dict], chunk: int = 32) -> None:
+    """What `prepare` writes: finite values in [-1, 1], each volume with background at -1. Read in chunks, so a
+    large cache is checked in flat memory (about a second per GB)."""
+    for start in range(0, len(volumes), chunk):
+        block = np.asarray(volumes[start : start + chunk]).reshape(min(chunk, len(volumes) - start), -1)
+        finite = np.isfinite(block).all(axis=1)
+        low, high = block.min(axis=1), block.max(axis=1)
+        for i in range(len(block)):
+            subject = manifest[start + i].get("subject", start + i)
+            if not finite[i]:
+                raise ValueError(f"{path}: volume {start + i} ({subject}) holds NaN or infinite values; prepare again")
+            if low[i] < -1.001 or high[i] > 1.001 or abs(low[i] + 1) > 1e-3:
+                raise ValueError(
+                    f"{path}: volume {start + i} ({subject}) spans {low[i]:.4g} to {high[i]:.4g}, not [-1, 1] with "
+                    f"background at -1 (raw intensities?); make caches with `python -m alphagan prepare`"
+                )
+
+
+def cache_root() -> Path:
+    """Where synthetic cohorts are cached: $ALPHAGAN_CACHE, else ~/.cache/alphagan."""
+    return Path(os.environ.get("ALPHAGAN_CACHE") or Path.home() / ".cache" / "alphagan")
+
+
+def _synthesis_version() -> str:
+    """A digest of the code that makes a subject, so that a cache made by other code is never reused."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("synth.py", "prepare.py", "cache.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _synth_one(args: tuple[int, int, int, str, str]) -> tuple[int, np.ndarray, float]:
+    """Subject `index` preprocessed as `prepare` would do it: synthesised at twice the target resolution (at most
+    the 128^3 grid of 1.5 mm voxels, close to the template's own detail), then trimmed, padded and resized like
+    real data."""
+    from alphagan.data.prepare import (
+        normalise,  # prepare imports this module
+        to_cube,
+    )
+    from alphagan.data.synth import make_subject
+
+    index, seed, size, kind, contrast = args
+    subject = make_subject(index, seed=seed, size=min(2 * size, 128), kind=kind, contrast=contrast)
+    cube, fov_mm = to_cube(subject.volume, np.abs(np.diag(subject.affine)[:3]), size)
+    return index, normalise(cube), fov_mm
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core: threads inside each would only compete
+    end_with_parent()
+
+
+def synthetic_cache(
+    n: int,
+    size: int,
+    seed: int = 0,
+    kind: str = "normal",
+    contrast: str = "t1",
+    workers: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """The cache folder of a synthetic cohort, made once (in parallel processes) and reused by every later call
+    with the same settings. It has the layout of a `prepare` cache, so `load_cache` reads it."""
+    from alphagan.progress import tqdm
+
+    folder = cache_root() / f"synth-{kind}-{contrast}-{size}-n{n}-seed{seed}-{_synthesis_version()}"
+    if (folder / "settings.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(folder.parent, f".{folder.name}.partial-")
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        volumes = reserved_array(tmp / "volumes.npy", (n, size, size, size))
+        fovs = [0.0] * n
+        jobs = [(i, seed, size, kind, contrast) for i in range(n)]
+        workers = max(1, min(workers or os.cpu_count() or 1, n))
+        bar = tqdm(total=n, desc=f"synthetic cohort {kind} {contrast}", unit="subj", disable=not progress)
+        # Subject 0 here first: it loads the template, which forked workers then inherit instead of reading it.
+        first, pool = _synth_one(jobs[0]), None
+        rest = map(_synth_one, jobs[1:])
+        if workers > 1:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_worker_init)
+            rest = pool.map(_synth_one, jobs[1:], chunksize=max(1, n // (8 * workers)))
+        # Written as they arrive: the cohort is never held in memory.
+        for index, volume, fov_mm in itertools.chain([first], rest):
+            volumes[index], fovs[index] = volume, fov_mm
+            bar.update()
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
+        volumes.flush()
+        del volumes
+        source = f"synth:{kind}:{contrast}:seed{seed}"
+        entries = [Entry(source, f"sub-{i:05d}", -1, fov_mm=fov_mm) for i, fov_mm in enumerate(fovs)]
+        settings = {**asdict(Settings(size=size)), "synthetic": dict(kind=kind, contrast=contrast, seed=seed, n=n)}
+        write_cache_tables(tmp, settings, entries, [])
+        os.replace(tmp, folder)
+    except OSError:
+        if (folder / "settings.json").exists():  # another process finished the same cohort first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,268 @@
+"""What every command does with the folders and files it writes (git's rule: never clobber work that is not yours).
+
+- `claim`: `synth`, `train`, `sample`, `evaluate` and `course` write only into a folder that is absent, empty, or
+  marked as their own by `.alphagan.json` (the command, its settings and the names it writes, listed before they
+  are written). A second call with the same settings writes the same files again; other settings, another
+  command's folder or files no command wrote are refused in one line. `overwrite` deletes only the listed names,
+  and never a path that another argument of the same call points into (`keep`).
+- The claim holds a lock for as long as the command writes, so a second writer on the folder is refused.
+- `atomic`: a file is written under a temporary name and renamed, so a reader never sees half of it; on any
+  failure the temporary file is removed, and a full disk becomes one line naming the folder. Temporary files of
+  a writer that was killed are removed by the next claim of the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+MANIFEST = ".alphagan.json"
+LOCK = ".alphagan.lock"
+_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp")  # what `atomic` names its files: .NAME.PID.tmp...
+
+
+class FolderRefused(FileExistsError):
+    """A command's output folder holds what the command may not replace; the message says what and what to do."""
+
+
+class DiskFull(OSError):
+    """No space left while writing; the message names the folder and, where known, the space needed."""
+
+
+def disk_full(folder: Path, needed: int | None = None) -> DiskFull:
+    """The one-line error for a full disk under `folder`."""
+    need = f"; it needs {needed / 2**30:.2f} GiB" if needed else ""
+    free = shutil.disk_usage(folder).free / 2**30 if folder.exists() else 0.0
+    return DiskFull(f"{folder}: no space left on its disk ({free:.2f} GiB free{need}); free some space and run again")
+
+
+def reserve(file: IO, nbytes: int, folder: Path) -> None:
+    """Allocate `nbytes` of `file` on disk now, so that writing through a memory map later cannot fail with SIGBUS
+    (what a full disk does to a memory-mapped write) but fails here, in one line."""
+    try:
+        os.posix_fallocate(file.fileno(), 0, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(folder, nbytes) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: no reservation
+            raise
+
+
+def reserved_array(path: Path, shape: tuple[int, ...], dtype=np.float32) -> np.memmap:
+    """A new .npy file, memory-mapped for writing, its space allocated on disk first (`reserve`)."""
+    array = np.lib.format.open_memmap(path, "w+", dtype, shape)
+    try:
+        with open(path, "r+b") as f:
+            reserve(f, os.path.getsize(path), path.parent)
+    except BaseException:
+        del array
+        path.unlink(missing_ok=True)
+        raise
+    return array
+
+
+def end_with_parent() -> None:
+    """Make this (worker) process end when its parent does, killed or not, instead of waiting forever on a
+    queue nobody reads (Linux; elsewhere the pool's own shutdown is all there is)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def remove_abandoned(parent: Path, prefix: str) -> None:
+    """Delete the folders `PREFIXPID` in `parent` whose writing process no longer runs (killed, or its disk ran
+    full): a `.partial` folder is never left behind for good."""
+    for path in parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix) :]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` (same suffixes, so that nibabel or torch see the format) to write to; renamed
+    to `path` when the block ends, removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes[-2:])}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path.parent) from None
+        raise
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete what `atomic` left in `folder` (and below) when its writer was killed; only call it under the lock."""
+    for path in folder.rglob(".*.tmp*"):
+        if _TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+@dataclass
+class Owned:
+    """A claimed folder: written by `command` with `settings`; holds the lock until `release` (or the `with` ends)."""
+
+    folder: Path
+    command: str
+    settings: dict[str, Any]
+    writes: list[str] = field(default_factory=list)
+    lock: IO | None = None
+
+    def add(self, names: list[str]) -> None:
+        """List `names` (entries of the folder) as this command's, before writing them."""
+        new = [n for n in names if n not in self.writes]
+        if new:
+            self.writes += new
+            self.save()
+
+    def save(self) -> None:
+        """Write the manifest (atomically)."""
+        record = {"command": self.command, "settings": self.settings, "writes": self.writes}
+        with atomic(self.folder / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()  # closing the file drops the flock
+            self.lock = None
+
+    def __enter__(self) -> Owned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def owner_record(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a folder a command claimed, None where there is none; a damaged one is refused."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("writes"), list):
+            raise ValueError("no list of files")
+    except (ValueError, AttributeError) as exc:
+        raise FolderRefused(f"{path}: damaged ({exc}); delete it only if nothing else in the folder matters") from None
+    return record
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _lock(folder: Path) -> IO:
+    lock = open(folder / LOCK, "a")  # noqa: SIM115 (held until Owned.release)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise FolderRefused(f"{folder}: another command is writing here; wait for it to finish") from None
+    return lock
+
+
+def _refusal(folder: Path, command: str, record: dict | None, settings: dict, resume: bool, again: bool) -> str | None:
+    """Why `command` may not write into `folder` as it is (None: it may)."""
+    entries = sorted(
+        p.name for p in folder.iterdir() if p.name not in (MANIFEST, LOCK) and not _TEMPORARY.match(p.name)
+    )
+    if record is None:
+        if entries:
+            return f"holds files that no alphagan command wrote ({_shown(entries)}); choose another --out"
+        return None
+    if record["command"] != command:
+        return f"holds the output of `alphagan {record['command']}`; choose another --out"
+    if resume or not [n for n in record["writes"] if (folder / n).exists()]:
+        return None
+    if not again:  # a run that continues (`train`)
+        return (
+            f"holds an earlier `alphagan {command}`; add --resume to continue it, --overwrite to replace it, or "
+            f"choose another --out"
+        )
+    if record["settings"] == settings:
+        return None
+    changed = sorted(k for k in {*record["settings"], *settings} if record["settings"].get(k) != settings.get(k))
+    what = f"other settings ({', '.join(changed)})" if changed else "the same settings"
+    return f"holds an earlier `alphagan {command}` with {what}; add --overwrite to replace it, or choose another --out"
+
+
+def _delete_listed(folder: Path, record: dict, keep: dict[str, Path]) -> None:
+    """`overwrite`: the names the manifest lists, unless an argument of this call points into one of them."""
+    listed = [folder / n for n in record["writes"] if (folder / n).exists()]
+    for argument, path in keep.items():
+        hit = next((p for p in listed if path == p.resolve() or p.resolve() in path.parents), None)
+        if hit is not None:
+            raise FolderRefused(
+                f"{folder}: --overwrite would delete {hit.name}, where {argument} points ({path}); copy it elsewhere "
+                f"or choose another --out"
+            )
+    for path in listed:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def claim(
+    folder: str | Path,
+    command: str,
+    settings: dict[str, Any],
+    writes: list[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    again: bool = True,
+    keep: dict[str, str | Path | None] | None = None,
+) -> Owned:
+    """Make `folder` this command's (see the module docstring) and lock it; `writes` lists the entries it will write.
+
+    `resume` continues what the folder holds; `again=False` refuses even a second call with the same settings
+    (`train`: a new run must not mix with the last). `keep`: the paths the call reads, by argument (`{"--init": ...}`),
+    which `overwrite` must spare."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FolderRefused(f"{folder}: exists and is not a folder; choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
+    settings = json.loads(json.dumps(settings))  # as the manifest will hold them
+    record = owner_record(folder)
+    reason = _refusal(folder, command, record, settings, resume, again)
+    if reason is not None and not (overwrite and record is not None and record["command"] == command):
+        raise FolderRefused(f"{folder}: {reason}")
+    lock = _lock(folder)
+    try:
+        remove_temporaries(folder)
+        if overwrite and record is not None and not resume:
+            _delete_listed(folder, record, {k: Path(p).resolve() for k, p in (keep or {}).items() if p is not None})
+        earlier = [n for n in (record or {}).get("writes", []) if (folder / n).exists()]
+        owned = Owned(folder, command, settings, earlier + [n for n in writes if n not in earlier], lock)
+        owned.save()
+    except BaseException:
+        lock.close()
+        raise
+    return owned
