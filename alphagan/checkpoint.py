@@ -11,12 +11,15 @@ name, so a reader sees either the old file or the complete new one; the last `ke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
+from alphagan.config import Config
 from alphagan.folders import atomic
 
 _NAME = re.compile(r"ckpt_(\d+)\.pt$")
@@ -75,4 +78,9 @@ def load_checkpoint(path: str | Path, iteration: int | None = None, map_location
     missing = {"config", "iter", "nets"} - set(state) if isinstance(state, dict) else {"config"}
     if missing:
         raise ValueError(f"{path}: not an alphagan checkpoint (no {', '.join(sorted(missing))})")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(state["config"]) - known)
+    if unknown:  # a newer version's settings; one that shaped the networks shows when their weights load
+        warnings.warn(f"{path}: settings this version does not know, ignored: {', '.join(unknown)}", stacklevel=2)
+        state["config"] = {k: v for k, v in state["config"].items() if k in known}
     return state

@@ -460,3 +460,17 @@ def test_sample_streams_its_volumes_so_memory_stays_flat_in_n():
     batches = generate_batches(G, 20, 4, seed=3, batch=8)
     assert [len(b) for b in batches] == [8, 8, 4]  # one batch at a time, never all 20
     assert torch.equal(torch.cat(list(generate_batches(G, 20, 4, seed=3))), generate(G, 20, 4, seed=3))
+
+
+def test_a_checkpoint_from_a_newer_version_names_the_settings_it_ignores(tmp_path):
+    import torch
+
+    from alphagan.checkpoint import load_checkpoint
+
+    assert main(["train", "--data", "synth", "--out", str(tmp_path / "run"), *TRAIN]) == 0
+    path = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    state = torch.load(path, weights_only=True)
+    state["config"]["warp_drive"] = 9
+    torch.save(state, tmp_path / "newer.pt")
+    with pytest.warns(UserWarning, match="newer.pt: settings this version does not know, ignored: warp_drive"):
+        assert "warp_drive" not in load_checkpoint(tmp_path / "newer.pt")["config"]

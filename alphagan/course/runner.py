@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from alphagan.course.plan import Plan, plan_course
@@ -124,13 +127,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}, PyTorch {torch.__version__}"
 
 
+def _copy_figure(run_dir: Path, files: Path, page_dir: Path, match: re.Match) -> str:
+    """A figure link of a summary, its file copied under `files`, the link rewritten relative to the page."""
+    target = files / match.group(2)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / match.group(2), target)
+    return f"![{match.group(1)}]({target.relative_to(page_dir).as_posix()})"
+
+
 def publish(run_dir: str | Path, out: str | Path) -> Path:
     """`python -m alphagan results`: a course run's summary.md as a page of the docs (`out`, e.g. docs/results.md),
     its figures copied beside it into `<out stem>_files/`, the command and run named at the top. Written from the
     run, so its numbers are the run's, never retyped."""
-    import re
-    import shutil
-
     run_dir, out = Path(run_dir), Path(out)
     summary = run_dir / "summary.md"
     if not summary.exists():
@@ -138,14 +146,7 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
     files = out.with_name(f"{out.stem}_files")
     text = summary.read_text()
 
-    def copied(match: re.Match) -> str:
-        source = run_dir / match.group(2)
-        target = files / match.group(2)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        return f"![{match.group(1)}]({target.relative_to(out.parent).as_posix()})"
-
-    body = re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", copied, text)
+    body = re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", partial(_copy_figure, run_dir, files, out.parent), text)
     head = f"<!-- written by `python -m alphagan results {run_dir} --out {out}`; edit the run, not this page -->\n\n"
     with atomic(out) as tmp:
         tmp.write_text(head + body)
