@@ -448,12 +448,12 @@ def _picture(run: Run, it: int) -> dict[str, float]:
     with torch.no_grad():
         samples = G(run.fixed_z.to(run.device)).float().cpu()
     groups = {"samples": list(samples)}
-    real = metrics.spread(run.fixed_x)
-    spreads = {"sample_spread": metrics.spread(samples) / real}
+    real = metrics.spread(run.fixed_x)  # 0 with one fixed volume (n_fixed=1): no spread to compare with
+    spreads = {"sample_spread": metrics.spread(samples) / real} if real > 0 else {}
     if "E" in nets:
         rec = reconstruct(nets["E"], nets["G"], run.fixed_x.to(run.device)).float().cpu()
         groups["real"], groups["reconstructions"] = list(run.fixed_x), list(rec)
-        spreads["rec_spread"] = metrics.spread(rec) / real
+        spreads.update({"rec_spread": metrics.spread(rec) / real} if real > 0 else {})
     save_figure(
         planes_columns(groups, title=f"{cfg.model}, iteration {it}"), run.out / "samples" / f"iter_{it:06d}.png", 80
     )

@@ -55,7 +55,7 @@ from alphagan.config import make_config
 from alphagan.train import train
 v = {variant!r}
 cfg = make_config("paper", latent=1000, iters={warmup + iters}, log_every={warmup}, sample_every=10**9,
-                  ckpt_every=10**9, n_fixed=1, n_subjects=16, **v)
+                  ckpt_every=10**9, n_fixed=2, n_subjects=16, **v)
 train(cfg, {str(data)!r}, {str(out)!r}, progress=False)
 records = [json.loads(x) for x in open({str(out / "metrics.jsonl")!r})]
 timed = [r for r in records if r["iter"] > {warmup}]

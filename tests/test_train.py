@@ -266,3 +266,10 @@ def test_recalibrated_statistics_are_the_average_over_code_batches():
     assert torch.allclose(calibrated.net[1].running_mean, means, atol=1e-6)
     assert torch.allclose(calibrated.net[1].running_var, variances, atol=1e-5)
     assert not calibrated.training and G.net[1].running_mean[0] == 5.0  # a copy, in eval mode
+
+
+def test_one_fixed_volume_trains_to_the_end_without_a_spread_to_log(tmp_path):
+    cfg = make_config("smoke", iters=2, n_fixed=1, device="cpu")
+    train(cfg, "synth", tmp_path, progress=False)
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["iter"] == 2 and "sample_spread" not in last
