@@ -192,10 +192,9 @@ def _lock(folder: Path) -> IO:
 
 def _refusal(folder: Path, command: str, record: dict | None, settings: dict, resume: bool, again: bool) -> str | None:
     """Why `command` may not write into `folder` as it is (None: it may)."""
-    entries = sorted(
-        p.name for p in folder.iterdir() if p.name not in (MANIFEST, LOCK) and not _TEMPORARY.match(p.name)
-    )
     if record is None:
+        names = (p.name for p in folder.iterdir())
+        entries = sorted(n for n in names if n not in (MANIFEST, LOCK) and not _TEMPORARY.match(n))
         if entries:
             return f"holds files that no alphagan command wrote ({_shown(entries)}); choose another --out"
         return None

@@ -107,9 +107,10 @@ def write_samples(
     with claim(
         out, "sample", settings, [*names, "samples.png"], overwrite=overwrite, keep={"--checkpoint": path}
     ) as owned:
-        batches = generate_batches(G, n, cfg.latent, seed=seed)
+        batch = 8
+        batches = generate_batches(G, n, cfg.latent, seed=seed, batch=batch)
         written = 0
-        for volumes in tqdm(batches, total=-(-n // 8), desc="sample", unit="batch", disable=n <= 64):
+        for volumes in tqdm(batches, total=-(-n // batch), desc="sample", unit="batch", disable=n <= 64):
             for volume in volumes:
                 save_nifti(volume, owned.folder / names[written], state["fov_mm"])
                 written += 1

@@ -574,9 +574,12 @@ def finished_run(folder: str | Path, cfg: Config, data: str, init: str | Path | 
     if not config.exists() or json.loads(config.read_text()).get("data") != str(Source.parse(data)):
         return None
     started = None if init is None else str(find_checkpoint(init).resolve())
-    if _init_of(folder) != started or not (folder / "checkpoints" / f"ckpt_{cfg.iters:08d}.pt").exists():
+    if _init_of(folder) != started:
         return None
-    state = load_checkpoint(folder / "checkpoints", cfg.iters)
+    try:
+        state = load_checkpoint(folder / "checkpoints", cfg.iters)
+    except FileNotFoundError:  # not trained that far
+        return None
     if _differing(Config.from_dict(state["config"]), cfg, RUN_DEFINING):
         return None
     nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alphagan.checkpoint import list_checkpoints
 from alphagan.config import MODELS, Config
 from alphagan.train import TrainResult, finished_run, stopped_run, train
 
@@ -96,7 +97,7 @@ def notebook_03_run(run_dir: str | Path) -> Path:
 def notebook_03_model(run_dir: str | Path) -> Path:
     """The checkpoint folder of notebook 03's model, which notebooks 05 and 06 start from at the `cpu` profile."""
     folder = notebook_03_run(run_dir) / "checkpoints"
-    if not any(folder.glob("ckpt_*.pt")):
+    if not list_checkpoints(folder):
         raise FileNotFoundError(
             f"{folder}: no checkpoint of notebook 03; run notebook 03 first, or set warm_start = False (then raise "
             f"iters: from random weights a model needs about 1000 iterations to make brain-shaped volumes at 32³)"

@@ -96,9 +96,17 @@ def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:
     return volumes, manifest, settings
 
 
+_CHECKED: set[tuple[str, int, int]] = set()  # (path, mtime, size) of volumes.npy files already checked here
+
+
 def _check_intensities(path: Path, volumes: np.ndarray, manifest: list[dict], chunk: int = 32) -> None:
     """What `prepare` writes: finite values in [-1, 1], each volume with background at -1. Read in chunks, so a
-    large cache is checked in flat memory (about a second per GB)."""
+    large cache is checked in flat memory; once per version of the file in a process (evaluate, for one, loads
+    the same cache several times)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _CHECKED:
+        return
     for start in range(0, len(volumes), chunk):
         block = np.asarray(volumes[start : start + chunk]).reshape(min(chunk, len(volumes) - start), -1)
         finite = np.isfinite(block).all(axis=1)
@@ -112,6 +120,7 @@ def _check_intensities(path: Path, volumes: np.ndarray, manifest: list[dict], ch
                     f"{path}: volume {start + i} ({subject}) spans {low[i]:.4g} to {high[i]:.4g}, not [-1, 1] with "
                     f"background at -1 (raw intensities?); make caches with `python -m alphagan prepare`"
                 )
+    _CHECKED.add(key)
 
 
 def cache_root() -> Path:
