@@ -62,6 +62,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         modality=args.modality,
         stretch=args.stretch,
         workers=args.workers,
+        overwrite=args.overwrite,
     )
     rejected = f" (reasons in {result.out / 'rejected.tsv'})" if result.rejected else ""
     print(
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default=None, help="e.g. t1, t2, flair (layout-dependent)")
     p.add_argument("--stretch", action="store_true", help="resize each axis to the cube (the authors' way)")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a cache prepared with other settings")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +72,38 @@ def _check_memory(n: int, size: int) -> None:
         )
 
 
-def _name(checkpoint: str, cfg: Config, taken: set[str]) -> str:
+def _name(cfg: Config, taken: set[str]) -> str:
     name = cfg.model if cfg.model != "alpha-wgan-gp" else f"alpha-wgan-gp z{cfg.latent}"
     while name in taken:
         name += "'"
     return name
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one `evaluate` call compares, and how: the settings its folder's manifest records."""
+
+    real: str  # a held-out cache, or synth[:kind[:contrast]]
+    checkpoints: tuple[str, ...]  # checkpoint files, resolved
+    n: int  # real and generated volumes
+    pairs: int  # random pairs for MS-SSIM
+    mmd_batch: int  # the paper's B
+    mmd_repetitions: int
+    n_anatomy: int  # volumes whose tissue volumes are measured
+    contrast: str
+    features: str | None  # feature network weights (Fréchet distance), if any
+    seed: int
+
+
+@dataclass
+class RealSide:
+    """The held-out volumes, their affine, and their row of the results."""
+
+    volumes: np.ndarray
+    fov_mm: float
+    affine: np.ndarray
+    anatomy: list[dict[str, float]]
+    row: dict
 
 
 def evaluate(
@@ -102,98 +129,63 @@ def evaluate(
     source = Source.parse(real)  # a bad --real is named before any model is loaded
     if not source.synthetic:
         load_cache(source.cache)
-    files = [str(find_checkpoint(c).resolve()) for c in checkpoints]
-    settings = dict(real=str(source), checkpoints=files, n=n, pairs=pairs, mmd_batch=mmd_batch,
-                    mmd_repetitions=mmd_repetitions, n_anatomy=n_anatomy, contrast=contrast,
-                    features=feature_weights, seed=seed)  # fmt: skip
+    files = tuple(str(find_checkpoint(c).resolve()) for c in checkpoints)
+    ev = Evaluation(
+        str(source), files, n, pairs, mmd_batch, mmd_repetitions, n_anatomy, contrast, feature_weights, seed
+    )
     keep = {"--real": source.cache, "--features": feature_weights, **{f"--checkpoint {c}": c for c in files}}
-    with claim(out, "evaluate", settings, list(EVALUATE_FILES), overwrite=overwrite, keep=keep) as owned:
-        return _evaluate(source, checkpoints, owned.folder, settings, pick_device(device or "auto"))
+    with claim(out, "evaluate", asdict(ev), list(EVALUATE_FILES), overwrite=overwrite, keep=keep) as owned:
+        return _evaluate(source, ev, owned.folder, str(pick_device(device or "auto")))
 
 
 EVALUATE_FILES = ("results.json", "table.md", "pca.png", "volumes.png", "nearest.png")
 
 
-def _evaluate(source: Source, checkpoints: list[str], out: Path, settings: dict, device) -> dict:
+def _evaluate(source: Source, ev: Evaluation, out: Path, device: str) -> dict:
     """`evaluate` once its folder is claimed."""
     from alphagan.progress import tqdm
-    from alphagan.viz import nearest_pairs, pca_scatter, save_figure, volume_histograms
 
-    n, pairs, mmd_batch, mmd_repetitions = (settings[k] for k in ("n", "pairs", "mmd_batch", "mmd_repetitions"))
-    n_anatomy, contrast, feature_weights, seed = (settings[k] for k in ("n_anatomy", "contrast", "features", "seed"))
-    real = str(source)
-    device = str(device)
-    models = [load_generator(c, device) for c in checkpoints]
+    models = [load_generator(c, device) for c in ev.checkpoints]
     sizes = {cfg.size for _, cfg, _ in models}
     if len(sizes) != 1:
         raise ValueError(f"the checkpoints generate different sizes {sorted(sizes)}; evaluate them separately")
     size = sizes.pop()
-    _check_memory(n, size)
-    training_seed = models[0][1].seed
-    real_set, real_fov_mm, real_text = real_volumes(real, size, n, training_seed)
-    mmd_batch = min(mmd_batch, len(real_set))  # the paper's B = 8, unless fewer real volumes are at hand
-    pairs = min(pairs, len(real_set) * (len(real_set) - 1) // 2)  # no more pairs than distinct ones
-    real_affine = cube_affine(size, real_fov_mm)
+    _check_memory(ev.n, size)
+    real = _real_side(ev, size, training_seed=models[0][1].seed)
+    m = len(real.volumes)  # the paper's B = 8 unless fewer real volumes are at hand, and no more pairs than exist
+    ev = replace(ev, mmd_batch=min(ev.mmd_batch, m), pairs=min(ev.pairs, m * (m - 1) // 2))
+    real.row["ms_ssim"], real.row["ms_ssim_std"] = metrics.diversity(real.volumes, ev.pairs, seed=ev.seed)
     results: dict = {
-        "real": {"data": real_text, "n": len(real_set)},
+        "real": real.row,
         "models": {},
         "sampling": "generators in eval mode, BatchNorm statistics recomputed on N(0, I) codes",
         "settings": {
-            "n": n,
-            "pairs": pairs,
-            "mmd_batch": mmd_batch,
-            "mmd_repetitions": mmd_repetitions,
+            "n": ev.n,
+            "pairs": ev.pairs,
+            "mmd_batch": ev.mmd_batch,
+            "mmd_repetitions": ev.mmd_repetitions,
             "ms_ssim": asdict(metrics.ms_ssim_settings(size)),
-            "contrast": contrast,
+            "contrast": ev.contrast,
         },
     }
-    if not source.synthetic and any(_run_data(c) == str(source) for c in checkpoints):
+    if not source.synthetic and any(_run_data(c) == str(source) for c in ev.checkpoints):
         warning = f"{source.cache} is the training set of at least one model: not held out"
         results["real"]["warning"] = warning
         warnings.warn(warning, stacklevel=2)
-    results["real"]["ms_ssim"], results["real"]["ms_ssim_std"] = metrics.diversity(real_set, pairs, seed=seed)
-    real_shape = anatomy.brain_shape(real_set, real_set)
-    results["real"]["brain_overlap"] = real_shape.real_median
-    results["real"]["brain_overlap_lowest"] = real_shape.real_lowest
-    real_anatomy = [anatomy.tissue_volumes(v, real_affine, contrast) for v in real_set[:n_anatomy]]
-    results["real"]["anatomy"] = {q: float(np.mean([a[q] for a in real_anatomy])) for q in QUANTITIES}
-    feature_net = features.load_feature_network(feature_weights).to(device) if feature_weights else None
+    feature_net = features.load_feature_network(ev.features).to(device) if ev.features else None
 
-    generated_sets, tissues, nearest = {}, {}, {}
-    for checkpoint, (G, cfg, state) in tqdm(list(zip(checkpoints, models)), desc="evaluate", unit="model"):
-        name = _name(checkpoint, cfg, set(generated_sets))
-        fake = generate(G, len(real_set), cfg.latent, seed=seed + 1)[:, 0].numpy()
-        generated_sets[name] = fake
-        mmd = metrics.mmd_batchwise(real_set, fake, mmd_batch, mmd_repetitions, seed=seed)
-        gauss, sigma = metrics.mmd_gaussian(real_set, fake)
-        div, div_std = metrics.diversity(fake, pairs, seed=seed)
-        shape = anatomy.brain_shape(fake, real_set)
-        fake_affine = cube_affine(size, state.get("fov_mm", real_fov_mm))
-        tissues[name] = [anatomy.tissue_volumes(v, fake_affine, contrast) for v in fake[:n_anatomy]]
-        row = {
-            "checkpoint": str(checkpoint),
-            "iteration": state["iter"],
-            "model": cfg.model,
-            "latent": cfg.latent,
-            "mmd": mmd.mean,
-            "mmd_std": mmd.std,
-            "mmd_per_voxel": mmd.per_voxel_mean,
-            "mmd_gaussian": gauss,
-            "mmd_gaussian_sigma": sigma,
-            "ms_ssim": div,
-            "ms_ssim_std": div_std,
-            "brain_overlap": shape.generated_median,
-            "brain_shaped": shape.shaped,
-            "anatomy": {q: float(np.mean([a[q] for a in tissues[name]])) for q in QUANTITIES},
-            "anatomy_wasserstein_ml": {
-                q: metrics.wasserstein_1d([a[q] for a in tissues[name]], [a[q] for a in real_anatomy])
-                for q in QUANTITIES
-            },
-        }
+    generated, tissues, nearest = {}, {}, {}
+    for checkpoint, (G, cfg, state) in tqdm(list(zip(ev.checkpoints, models)), desc="evaluate", unit="model"):
+        name = _name(cfg, set(generated))
+        generated[name] = generate(G, m, cfg.latent, seed=ev.seed + 1)[:, 0].numpy()
+        fake_affine = cube_affine(size, state.get("fov_mm", real.fov_mm))
+        tissues[name] = [anatomy.tissue_volumes(v, fake_affine, ev.contrast) for v in generated[name][: ev.n_anatomy]]
+        row = {"checkpoint": checkpoint, "iteration": state["iter"], "model": cfg.model, "latent": cfg.latent}
+        row |= _compared(generated[name], tissues[name], real, ev)
         training = _run_data(checkpoint)
         if training is not None:
             train_set, _ = load_training_volumes(training, size, cfg.n_subjects, seed=cfg.seed, progress=False)
-            memo = metrics.memorisation(fake, np.asarray(train_set), real_set)
+            memo = metrics.memorisation(generated[name], np.asarray(train_set), real.volumes)
             row["memorisation"] = {
                 "training_data": training,
                 "nn_ratio": memo.ratio,
@@ -201,27 +193,81 @@ def _evaluate(source: Source, checkpoints: list[str], out: Path, settings: dict,
                 "median_nn_generated": float(np.median(memo.generated_nn)),
                 "median_nn_heldout": float(np.median(memo.heldout_nn)),
             }
-            nearest[name] = (fake, np.asarray(train_set), memo)
+            nearest[name] = (np.asarray(train_set), memo)
         if feature_net is not None:
-            row["frechet"] = features.frechet_feature_distance(feature_net, real_set, fake)
+            row["frechet"] = features.frechet_feature_distance(feature_net, real.volumes, generated[name])
         results["models"][name] = row
 
-    real_2d, projected, variance = metrics.pca_projection(real_set, generated_sets, seed=seed)
-    results["pca_explained_variance"] = [float(v) for v in variance]
-    # Saved, not shown: a notebook shows the files where its text introduces them.
-    save_figure(pca_scatter(real_2d, projected, variance), out / "pca.png")
-    real_tissue = {q: [a[q] for a in real_anatomy] for q in QUANTITIES}
-    fake_tissue = {m: {q: [a[q] for a in rows] for q in QUANTITIES} for m, rows in tissues.items()}
-    save_figure(volume_histograms(real_tissue, fake_tissue), out / "volumes.png")
-    if nearest:
-        name, (fake, train_set, memo) = next(iter(nearest.items()))
-        figure = nearest_pairs(fake, train_set, memo.generated_index, memo.generated_nn, title=name)
-        save_figure(figure, out / "nearest.png")
+    _figures(out, real, generated, tissues, nearest, results, ev.seed)
     with atomic(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     with atomic(out / "table.md") as tmp:
         tmp.write_text(markdown_table(results))
     return results
+
+
+def _real_side(ev: Evaluation, size: int, training_seed: int) -> RealSide:
+    """The held-out volumes and what is measured on them alone (MS-SSIM comes once the pairs are known)."""
+    volumes, fov_mm, text = real_volumes(ev.real, size, ev.n, training_seed)
+    affine = cube_affine(size, fov_mm)
+    shape = anatomy.brain_shape(volumes, volumes)
+    tissue = [anatomy.tissue_volumes(v, affine, ev.contrast) for v in volumes[: ev.n_anatomy]]
+    row = {
+        "data": text,
+        "n": len(volumes),
+        "brain_overlap": shape.real_median,
+        "brain_overlap_lowest": shape.real_lowest,
+        "anatomy": {q: float(np.mean([a[q] for a in tissue])) for q in QUANTITIES},
+    }
+    return RealSide(volumes, fov_mm, affine, tissue, row)
+
+
+def _compared(fake: np.ndarray, tissue: list[dict[str, float]], real: RealSide, ev: Evaluation) -> dict:
+    """One model's generated volumes against the real side: the paper's MMD and MS-SSIM, and what we add."""
+    mmd = metrics.mmd_batchwise(real.volumes, fake, ev.mmd_batch, ev.mmd_repetitions, seed=ev.seed)
+    gauss, sigma = metrics.mmd_gaussian(real.volumes, fake)
+    diversity, diversity_std = metrics.diversity(fake, ev.pairs, seed=ev.seed)
+    shape = anatomy.brain_shape(fake, real.volumes)
+    return {
+        "mmd": mmd.mean,
+        "mmd_std": mmd.std,
+        "mmd_per_voxel": mmd.per_voxel_mean,
+        "mmd_gaussian": gauss,
+        "mmd_gaussian_sigma": sigma,
+        "ms_ssim": diversity,
+        "ms_ssim_std": diversity_std,
+        "brain_overlap": shape.generated_median,
+        "brain_shaped": shape.shaped,
+        "anatomy": {q: float(np.mean([a[q] for a in tissue])) for q in QUANTITIES},
+        "anatomy_wasserstein_ml": {
+            q: metrics.wasserstein_1d([a[q] for a in tissue], [a[q] for a in real.anatomy]) for q in QUANTITIES
+        },
+    }
+
+
+def _figures(
+    out: Path,
+    real: RealSide,
+    generated: dict[str, np.ndarray],
+    tissues: dict[str, list[dict[str, float]]],
+    nearest: dict[str, tuple[np.ndarray, metrics.Memorisation]],
+    results: dict,
+    seed: int,
+) -> None:
+    """pca.png, volumes.png and nearest.png (the first model with a training set). Saved, not shown: a notebook
+    shows the files where its text introduces them."""
+    from alphagan.viz import nearest_pairs, pca_scatter, save_figure, volume_histograms
+
+    real_2d, projected, variance = metrics.pca_projection(real.volumes, generated, seed=seed)
+    results["pca_explained_variance"] = [float(v) for v in variance]
+    save_figure(pca_scatter(real_2d, projected, variance), out / "pca.png")
+    real_tissue = {q: [a[q] for a in real.anatomy] for q in QUANTITIES}
+    fake_tissue = {m: {q: [a[q] for a in rows] for q in QUANTITIES} for m, rows in tissues.items()}
+    save_figure(volume_histograms(real_tissue, fake_tissue), out / "volumes.png")
+    if nearest:
+        name, (train_set, memo) = next(iter(nearest.items()))
+        figure = nearest_pairs(generated[name], train_set, memo.generated_index, memo.generated_nn, title=name)
+        save_figure(figure, out / "nearest.png")
 
 
 # The paper's Table 1, for comparison (MMD as printed there, x 10^-4 on their data; MS-SSIM over 1000 pairs).

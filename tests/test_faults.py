@@ -49,6 +49,15 @@ def test_prepare_refuses_a_folder_holding_other_files_and_leaves_them_as_they_we
     assert _snapshot(out) == before
 
 
+def test_prepare_with_other_settings_needs_overwrite_and_keeps_the_cache_until_then(cache, cohort_dir, capsys):
+    before = _snapshot(cache)
+    argv = ["prepare", "--src", str(cohort_dir), "--out", str(cache), "--size", "12"]
+    _fails(capsys, argv, "other settings (size 16)", "--overwrite")
+    assert _snapshot(cache) == before
+    assert main([*argv, "--overwrite"]) == 0
+    assert np.load(cache / "volumes.npy", mmap_mode="r").shape[1:] == (12, 12, 12)
+
+
 @pytest.mark.parametrize("where", ["same", "parent"])
 def test_prepare_never_writes_over_its_inputs(tmp_path, cohort_dir, capsys, where):
     src = tmp_path / "data" / "raw"
@@ -362,6 +371,34 @@ def test_a_full_disk_is_found_before_a_memory_mapped_write_not_by_sigbus(tmp_pat
     with pytest.raises(DiskFull, match=r"needs 0\.\d+ GiB"):
         reserved_array(tmp_path / "volumes.npy", (64, 64, 64, 64))
     assert not (tmp_path / "volumes.npy").exists()
+
+
+def test_a_cohort_too_large_for_the_disk_is_refused_after_its_first_subject(tmp_path, monkeypatch, capsys):
+    import collections
+
+    from alphagan.data import synth
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(synth.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    out = tmp_path / "cohort"
+    _fails(capsys, ["synth", "--n", "5000", "--size", "16", "--out", str(out)], "5000 subjects need about", "--n")
+    assert len(list(out.glob("*.nii.gz"))) == 1
+
+
+def test_a_write_that_fails_stops_the_cohort_at_once(tmp_path, monkeypatch, capsys):
+    from alphagan.data import synth
+
+    written, write = [], synth._write_nifti
+
+    def full(volume, affine, path):
+        written.append(path)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        write(volume, affine, path)
+
+    monkeypatch.setattr(synth, "_write_nifti", full)
+    _fails(capsys, ["synth", "--n", "200", "--size", "16", "--out", str(tmp_path / "c")], "No space left")
+    assert len(written) <= 6  # not all 200 made first
 
 
 def test_a_partial_synthetic_cache_of_a_dead_process_is_removed(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ authors' code did, stays an option), resized to S^3 with anti-aliasing and norma
 background at -1. The cache is one `volumes.npy` (N, S, S, S) float32 array that `np.load(mmap_mode="r")`
 maps without reading, a `manifest.tsv` (source, subject, original shape and spacing, SHA-256), `settings.json`
 and `rejected.tsv`. It is replaced only when a run completes. `prepare` writes only into a folder that is absent,
-empty or a cache of its own, never into the folder of its inputs, and one run at a time per cache (a lock file
-beside it); volumes stream into the array as they are made, so memory does not grow with the cohort.
+empty or a cache of its own (one of other settings only with `overwrite`), never into the folder of its inputs,
+and one run at a time per cache (a lock file beside it); volumes stream into the array as they are made, so
+memory does not grow with the cohort.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
-from alphagan.folders import end_with_parent, reserved_array
+from alphagan.folders import FolderRefused, end_with_parent, reserved_array
 
 LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
@@ -321,8 +322,9 @@ def _read_previous(out: Path, settings: Settings) -> dict[tuple[str, int, str], 
     return {(r["source"], int(r["channel"]), r["sha256"]): (volumes[i], r) for i, r in enumerate(rows)}
 
 
-def _check_out(src: str, out: Path) -> None:
-    """`prepare` writes only into a folder that is absent, empty or a cache of its own, and never over its inputs."""
+def _check_out(src: str, out: Path, settings: Settings, overwrite: bool) -> None:
+    """`prepare` writes only into a folder that is absent, empty or a cache of its own (with other settings only
+    with `overwrite`), and never over its inputs."""
     root = Path(re.split(r"[*?\[]", src)[0]) if _is_pattern(src) else Path(src)
     root, target = root.resolve(), out.resolve()
     if target == root or target in root.parents:
@@ -333,6 +335,17 @@ def _check_out(src: str, out: Path) -> None:
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ValueError(f"{out}: holds files that are not a prepare cache ({shown}); choose an empty or new --out")
+    try:
+        earlier = json.loads((out / "settings.json").read_text())
+    except (OSError, ValueError):
+        return  # no cache yet, or a damaged one that a complete run replaces
+    changed = sorted(k for k, v in asdict(settings).items() if earlier.get(k) != v)
+    if changed and not overwrite:
+        was = ", ".join(f"{k} {earlier.get(k)}" for k in changed)
+        raise FolderRefused(
+            f"{out}: holds a cache prepared with other settings ({was}); add --overwrite to replace it, or choose "
+            f"another --out"
+        )
 
 
 @contextlib.contextmanager
@@ -363,13 +376,15 @@ def prepare(
     stretch: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PrepareResult:
-    """Preprocess every input of `src` into the cache folder `out`; see the module docstring."""
+    """Preprocess every input of `src` into the cache folder `out`; see the module docstring. `overwrite` replaces
+    a cache prepared with other settings."""
     if not isinstance(size, int) or not 8 <= size <= 512:
         raise ValueError(f"--size must be a whole number from 8 to 512, got {size!r}")
     settings = Settings(size=size, stretch=stretch)
     out = Path(out)
-    _check_out(src, out)
+    _check_out(src, out, settings, overwrite)
     entries = find_inputs(src, layout, modality)
     if not entries:
         raise FileNotFoundError(

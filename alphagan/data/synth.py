@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, voxel_ml
-from alphagan.folders import atomic, claim
+from alphagan.folders import DiskFull, atomic, claim
 
 KINDS = ("normal", "tumor", "stroke")
 CONTRASTS = ("t1", "t2", "flair")
@@ -314,6 +315,18 @@ def _write_nifti(volume: np.ndarray, affine: np.ndarray, path: Path) -> None:
         nib.save(img, tmp)
 
 
+def _check_disk(first: Path, n: int) -> None:
+    """Refuse, before it fills the disk, a cohort of `n` files each about as large as the `first`."""
+    needed = int(first.stat().st_size * 1.1 * (n - 1))
+    free = shutil.disk_usage(first.parent).free
+    if needed > free:
+        raise DiskFull(
+            f"{first.parent}: {n} subjects need about {needed / 2**30:.1f} GiB more (the first took "
+            f"{first.stat().st_size / 2**20:.2f} MiB), {free / 2**30:.1f} GiB are free; give a smaller --n or "
+            f"another --out"
+        )
+
+
 def write_table(rows: list[dict], path: Path) -> None:
     """Write a tab-separated table (floats to four decimals), atomically."""
     with atomic(path) as tmp, open(tmp, "w", newline="") as f:
@@ -335,7 +348,7 @@ def make_cohort(
 ) -> Path:
     """Write `n` subjects as NIfTI files and `participants.tsv` of their factors into `out`, a folder that is new,
     empty or an earlier cohort of this function's (`alphagan.folders.claim`: other settings need `overwrite`)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from alphagan.progress import tqdm
 
@@ -346,14 +359,20 @@ def make_cohort(
     writes = [f"{name}.nii.gz" for name in names] + ["participants.tsv"]
     rows = []
     # Synthesis runs in this process (torch uses all cores for it); gzip compression, which releases the
-    # GIL, overlaps with it in a writer thread.
+    # GIL, overlaps with it in writer threads. At most two files wait for it, and a write that failed (a full
+    # disk) stops the cohort at once.
     with claim(out, "synth", settings, writes, overwrite=overwrite) as owned, ThreadPoolExecutor(2) as writer:
-        pending = []
+        pending: list[Future] = []
         for index in tqdm(range(n), desc=f"synth {kind} {contrast}", disable=not progress, unit="subj"):
             subject = make_subject(index, seed=seed, size=size, kind=kind, contrast=contrast)
             path = owned.folder / f"{names[index]}.nii.gz"
             pending.append(writer.submit(_write_nifti, subject.volume, subject.affine, path))
             rows.append({"subject": names[index], **subject.factors})
+            if index == 0:  # the first file's size tells whether the whole cohort fits
+                pending.pop().result()
+                _check_disk(path, n)
+            while len(pending) > 2 or (pending and pending[0].done()):
+                pending.pop(0).result()
         for job in pending:
             job.result()
         write_table([{c: row[c] for c in FACTOR_COLUMNS} for row in rows], owned.folder / "participants.tsv")
