@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="auto", choices=("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon"))
     p.add_argument("--modality", default=None, help="e.g. t1, t2, flair (layout-dependent)")
     p.add_argument("--stretch", action="store_true", help="resize each axis to the cube (the authors' way)")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=_positive, default=None, help="processes; default: one per core")
     p.add_argument("--overwrite", action="store_true", help="replace a cache prepared with other settings")
     p.set_defaults(func=cmd_prepare)
 

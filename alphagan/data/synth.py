@@ -23,7 +23,7 @@ import csv
 import functools
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -173,6 +173,19 @@ def _pick(
     return world[:, i, j, k].numpy().astype(float)
 
 
+@dataclass
+class _Lesion:
+    """What a tumour or a stroke makes: its kind, centre (mm), its tissue classes, what is left of the normal tissue,
+    and the maps whose volumes are reported."""
+
+    kind: str = "none"
+    centre: np.ndarray = field(default_factory=lambda: np.full(3, np.nan))
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    keep: torch.Tensor | float = 1.0  # the fraction of each voxel's normal tissue the lesion leaves
+    lesion: torch.Tensor | None = None
+    oedema: torch.Tensor | None = None
+
+
 def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal", contrast: str = "t1") -> Subject:
     """Synthesise subject `index` of the cohort `seed` on a `size`^3 grid (0: the 1 mm template grid)."""
     if kind not in KINDS:
@@ -181,8 +194,7 @@ def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal"
         raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
     rng = np.random.default_rng([seed, index, KINDS.index(kind)])
     shape, affine = output_grid(size)
-    voxel_mm = float(abs(affine[0, 0]))
-    template = _template(voxel_mm)
+    ml_per_voxel = voxel_ml(affine)
 
     # Population factors.
     age = float(rng.uniform(20, 90))
@@ -194,15 +206,64 @@ def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal"
     ventricle_growth = float(np.clip(0.6 * ageing + rng.normal(0.0, 0.03), 0.0, 0.7))
     thinning = float(np.clip(0.35 * ageing + rng.normal(0.0, 0.03), 0.0, 0.5))
 
-    # World coordinates (mm) of every output voxel centre.
+    world = _world(shape, affine)
+    mask, gm, wm, ventricles, proximity = _warped_template(rng, world, affine, scale, rotation, shift, ventricle_growth)
+    brain = (mask > 0.5).float()
+    gm, wm = gm.clamp(0, 1), wm.clamp(0, 1)
+    gm = gm - gm * thinning * proximity  # cortical thinning, deep grey matter spared
+    fractions = {"csf": (1.0 - gm - wm).clamp(0, 1), "gm": gm, "wm": wm}
+    lesion = _Lesion()
+    if kind != "normal":
+        wobble = _smooth_field(rng, 1, shape, coarse=4, scale=0.15)[0]
+        lesion = (_tumour if kind == "tumor" else _stroke)(rng, world, brain, gm, wm, wobble)
+        fractions = {k: v * lesion.keep for k, v in fractions.items()} | lesion.maps
+    image = _mr_image(rng, fractions, brain, contrast, size)
+
+    def ml(volume: torch.Tensor | None) -> float:
+        return 0.0 if volume is None else float((volume * brain).sum()) * ml_per_voxel
+
+    factors = {
+        "kind": kind,
+        "contrast": contrast,
+        "age": round(age, 2),
+        "head_scale": round(head_scale, 4),
+        "brain_ml": float(brain.sum()) * ml_per_voxel,
+        "gm_ml": ml(fractions["gm"]),
+        "wm_ml": ml(fractions["wm"]),
+        "csf_ml": ml(fractions["csf"]),
+        "ventricle_ml": ml(ventricles.clamp(0, 1)),
+        "lesion_kind": lesion.kind,
+        "lesion_ml": ml(lesion.lesion),
+        "oedema_ml": ml(lesion.oedema),
+        "lesion_x_mm": float(lesion.centre[0]),
+        "lesion_y_mm": float(lesion.centre[1]),
+        "lesion_z_mm": float(lesion.centre[2]),
+    }
+    return Subject(image.numpy().astype(np.float32), affine, factors)
+
+
+def _world(shape: tuple[int, int, int], affine: np.ndarray) -> torch.Tensor:
+    """World coordinates (mm) of every voxel centre, (3, X, Y, Z)."""
     ijk = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
     aff = torch.from_numpy(affine.astype(np.float32))
-    world = torch.einsum("ab,bxyz->axyz", aff[:3, :3], ijk) + aff[:3, 3, None, None, None]
+    return torch.einsum("ab,bxyz->axyz", aff[:3, :3], ijk) + aff[:3, 3, None, None, None]
 
-    # Output point q -> template point p: nonlinear warp, inverse affine about the brain centre, and a local
-    # contraction around the ventricles (sampling the template compressed there enlarges them in the output).
+
+def _warped_template(
+    rng: np.random.Generator,
+    world: torch.Tensor,
+    affine: np.ndarray,
+    scale: np.ndarray,
+    rotation: np.ndarray,
+    shift: np.ndarray,
+    ventricle_growth: float,
+) -> torch.Tensor:
+    """The template's five maps (mask, GM, WM, ventricles, proximity) sampled at the output voxels: output point q
+    -> template point p by a nonlinear warp, the inverse affine about the brain centre, and a local contraction
+    around the ventricles (sampling the template compressed there enlarges them in the output)."""
+    template = _template(float(abs(affine[0, 0])))
     centre = torch.tensor([0.0, -17.0, 5.0])[:, None, None, None]
-    q = world + _smooth_field(rng, 3, shape, coarse=5, scale=2.5)
+    q = world + _smooth_field(rng, 3, tuple(world.shape[1:]), coarse=5, scale=2.5)
     inv = torch.from_numpy((np.linalg.inv(rotation) / scale[:, None]).astype(np.float32))
     p = (
         torch.einsum("ab,bxyz->axyz", inv, q - centre - torch.from_numpy(shift.astype(np.float32))[:, None, None, None])
@@ -217,82 +278,59 @@ def make_subject(index: int, seed: int = 0, size: int = 64, kind: str = "normal"
     idx = torch.einsum("ab,bxyz->axyz", w2i[:3, :3], p) + w2i[:3, 3, None, None, None]
     dims = torch.tensor(template.maps.shape[2:], dtype=torch.float32)[:, None, None, None]
     grid = (2.0 * idx / (dims - 1.0) - 1.0).flip(0).permute(1, 2, 3, 0)[None]
-    mask_p, gm, wm, ventricles, proximity = F.grid_sample(
-        template.maps, grid, mode="bilinear", padding_mode="zeros", align_corners=True
-    )[0]
+    return F.grid_sample(template.maps, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
 
-    brain = (mask_p > 0.5).float()
-    gm, wm = gm.clamp(0, 1), wm.clamp(0, 1)
-    lost = gm * thinning * proximity
-    gm = gm - lost
-    csf = (1.0 - gm - wm).clamp(0, 1)
-    fractions = {"csf": csf, "gm": gm, "wm": wm}
 
-    lesion_kind, lesion_centre = "none", np.full(3, np.nan)
-    lesion_ml = oedema_ml = 0.0
-    ml_per_voxel = voxel_ml(affine)
-    if kind != "normal":
-        wobble = _smooth_field(rng, 1, shape, coarse=4, scale=0.15)[0]
-        if kind == "tumor":
-            lesion_kind = "tumor"
-            candidates = (wm > 0.7) & (brain > 0) & (world[0].abs() > 10)
-            lesion_centre = _pick(rng, candidates, world, brain > 0)
-            radius = float(rng.uniform(8, 20))
-            whole = _soft_ball(world, lesion_centre, radius, wobble) * brain
-            core = _soft_ball(world, lesion_centre, radius * float(rng.uniform(0.4, 0.7)), wobble) * brain
-            reach = radius + float(rng.uniform(6, 20))
-            oedema = (_soft_ball(world, lesion_centre, reach, wobble, edge_mm=4.0) * brain - whole).clamp(0, 1)
-            oedema = oedema * (wm + 0.3 * gm).clamp(0, 1)
-            keep = (1.0 - whole - oedema).clamp(0, 1)
-            fractions = {k: v * keep for k, v in fractions.items()}
-            fractions.update(core=core, rim=(whole - core).clamp(0, 1), oedema=oedema)
-            lesion_ml = float((whole * brain).sum()) * ml_per_voxel
-            oedema_ml = float((oedema * brain).sum()) * ml_per_voxel
-        else:
-            side = float(rng.choice([-1.0, 1.0]))
-            cortical = bool(rng.random() < 0.6)
-            lesion_kind = "stroke-cortical" if cortical else "stroke-subcortical"
-            if cortical:
-                candidates = (gm > 0.5) & (brain > 0) & (side * world[0] > 35)
-                radius = float(rng.uniform(10, 25))
-            else:
-                candidates = (wm > 0.6) & (brain > 0) & (side * world[0] > 12) & (side * world[0] < 32)
-                radius = float(rng.uniform(4, 10))
-            lesion_centre = _pick(rng, candidates, world, brain > 0)
-            cavity = _soft_ball(world, lesion_centre, radius, wobble) * brain * 0.95
-            gliosis = (_soft_ball(world, lesion_centre, radius + 3.0, wobble) * brain * 0.95 - cavity).clamp(0, 1) * 0.6
-            keep = (1.0 - cavity - gliosis).clamp(0, 1)
-            fractions = {k: v * keep for k, v in fractions.items()}
-            fractions.update(cavity=cavity, gliosis=gliosis)
-            lesion_ml = float((cavity * brain).sum()) * ml_per_voxel
+def _tumour(
+    rng: np.random.Generator, world: torch.Tensor, brain: torch.Tensor, gm: torch.Tensor, wm: torch.Tensor,
+    wobble: torch.Tensor,
+) -> _Lesion:  # fmt: skip
+    """A tumour in the white matter of one hemisphere: a necrotic core, an enhancing rim, oedema around them."""
+    candidates = (wm > 0.7) & (brain > 0) & (world[0].abs() > 10)
+    centre = _pick(rng, candidates, world, brain > 0)
+    radius = float(rng.uniform(8, 20))
+    whole = _soft_ball(world, centre, radius, wobble) * brain
+    core = _soft_ball(world, centre, radius * float(rng.uniform(0.4, 0.7)), wobble) * brain
+    reach = radius + float(rng.uniform(6, 20))
+    oedema = (_soft_ball(world, centre, reach, wobble, edge_mm=4.0) * brain - whole).clamp(0, 1)
+    oedema = oedema * (wm + 0.3 * gm).clamp(0, 1)
+    maps = {"core": core, "rim": (whole - core).clamp(0, 1), "oedema": oedema}
+    return _Lesion("tumor", centre, maps, (1.0 - whole - oedema).clamp(0, 1), lesion=whole, oedema=oedema)
 
-    # MR contrast: per-subject tissue means, partial-volume mixing, bias field, blur, Rician noise.
+
+def _stroke(
+    rng: np.random.Generator, world: torch.Tensor, brain: torch.Tensor, gm: torch.Tensor, wm: torch.Tensor,
+    wobble: torch.Tensor,
+) -> _Lesion:  # fmt: skip
+    """A stroke in one hemisphere, cortical (60 %) or subcortical: a cavity with gliosis around it."""
+    side = float(rng.choice([-1.0, 1.0]))
+    cortical = bool(rng.random() < 0.6)
+    if cortical:
+        candidates = (gm > 0.5) & (brain > 0) & (side * world[0] > 35)
+        radius = float(rng.uniform(10, 25))
+    else:
+        candidates = (wm > 0.6) & (brain > 0) & (side * world[0] > 12) & (side * world[0] < 32)
+        radius = float(rng.uniform(4, 10))
+    centre = _pick(rng, candidates, world, brain > 0)
+    cavity = _soft_ball(world, centre, radius, wobble) * brain * 0.95
+    gliosis = (_soft_ball(world, centre, radius + 3.0, wobble) * brain * 0.95 - cavity).clamp(0, 1) * 0.6
+    kind = "stroke-cortical" if cortical else "stroke-subcortical"
+    keep = (1.0 - cavity - gliosis).clamp(0, 1)
+    return _Lesion(kind, centre, {"cavity": cavity, "gliosis": gliosis}, keep, lesion=cavity)
+
+
+def _mr_image(
+    rng: np.random.Generator, fractions: dict[str, torch.Tensor], brain: torch.Tensor, contrast: str, size: int
+) -> torch.Tensor:
+    """MR contrast: per-subject tissue means, partial-volume mixing, bias field, blur, Rician noise."""
+    shape = tuple(brain.shape)
     means = {k: v * (1.0 + rng.normal(0.0, 0.05)) for k, v in TISSUE_MEANS[contrast].items()}
     image = sum(means[k] * v for k, v in fractions.items())
     image = image * torch.exp(_smooth_field(rng, 1, shape, coarse=3, scale=0.10)[0])
     image = _blur(image, sigma_vox=0.6 if size != NATIVE else 0.8)
     sigma_noise = float(rng.uniform(0.01, 0.03)) * means["wm" if contrast == "t1" else "gm"]
     n1, n2 = (torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) * sigma_noise for _ in range(2))
-    image = torch.sqrt((image + n1) ** 2 + n2**2) * brain
-
-    factors = {
-        "kind": kind,
-        "contrast": contrast,
-        "age": round(age, 2),
-        "head_scale": round(head_scale, 4),
-        "brain_ml": float(brain.sum()) * ml_per_voxel,
-        "gm_ml": float((fractions["gm"] * brain).sum()) * ml_per_voxel,
-        "wm_ml": float((fractions["wm"] * brain).sum()) * ml_per_voxel,
-        "csf_ml": float((fractions["csf"] * brain).sum()) * ml_per_voxel,
-        "ventricle_ml": float((ventricles.clamp(0, 1) * brain).sum()) * ml_per_voxel,
-        "lesion_kind": lesion_kind,
-        "lesion_ml": lesion_ml,
-        "oedema_ml": oedema_ml,
-        "lesion_x_mm": float(lesion_centre[0]),
-        "lesion_y_mm": float(lesion_centre[1]),
-        "lesion_z_mm": float(lesion_centre[2]),
-    }
-    return Subject(image.numpy().astype(np.float32), affine, factors)
+    return torch.sqrt((image + n1) ** 2 + n2**2) * brain
 
 
 def _blur(volume: torch.Tensor, sigma_vox: float) -> torch.Tensor:
