@@ -204,7 +204,7 @@ def test_rerun_skips_unchanged_inputs(tmp_path):
     save(data, src / "s1.nii.gz", affine)
     changed = prepare(str(src), tmp_path / "cache", size=32, progress=False)
     assert (changed.written, changed.reused) == (1, 2)
-    other_size = prepare(str(src), tmp_path / "cache", size=16, progress=False)
+    other_size = prepare(str(src), tmp_path / "cache", size=16, progress=False, overwrite=True)
     assert other_size.written == 3
 
 
