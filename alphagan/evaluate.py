@@ -206,6 +206,11 @@ def _evaluate(source: Source, ev: Evaluation, out: Path, device: str) -> dict:
     return results
 
 
+def _mean_tissue(tissue: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each tissue volume (mL) over volumes."""
+    return {q: float(np.mean([a[q] for a in tissue])) for q in QUANTITIES}
+
+
 def _real_side(ev: Evaluation, size: int, training_seed: int) -> RealSide:
     """The held-out volumes and what is measured on them alone (MS-SSIM comes once the pairs are known)."""
     volumes, fov_mm, text = real_volumes(ev.real, size, ev.n, training_seed)
@@ -217,7 +222,7 @@ def _real_side(ev: Evaluation, size: int, training_seed: int) -> RealSide:
         "n": len(volumes),
         "brain_overlap": shape.real_median,
         "brain_overlap_lowest": shape.real_lowest,
-        "anatomy": {q: float(np.mean([a[q] for a in tissue])) for q in QUANTITIES},
+        "anatomy": _mean_tissue(tissue),
     }
     return RealSide(volumes, fov_mm, affine, tissue, row)
 
@@ -238,7 +243,7 @@ def _compared(fake: np.ndarray, tissue: list[dict[str, float]], real: RealSide, 
         "ms_ssim_std": diversity_std,
         "brain_overlap": shape.generated_median,
         "brain_shaped": shape.shaped,
-        "anatomy": {q: float(np.mean([a[q] for a in tissue])) for q in QUANTITIES},
+        "anatomy": _mean_tissue(tissue),
         "anatomy_wasserstein_ml": {
             q: metrics.wasserstein_1d([a[q] for a in tissue], [a[q] for a in real.anatomy]) for q in QUANTITIES
         },

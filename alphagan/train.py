@@ -447,17 +447,16 @@ def _picture(run: Run, it: int) -> dict[str, float]:
     G = calibrated_generator(nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
     with torch.no_grad():
         samples = G(run.fixed_z.to(run.device)).float().cpu()
-    groups = {"samples": list(samples)}
-    real = metrics.spread(run.fixed_x)  # 0 with one fixed volume (n_fixed=1): no spread to compare with
-    spreads = {"sample_spread": metrics.spread(samples) / real} if real > 0 else {}
+    groups, spread_of = {"samples": list(samples)}, {"sample_spread": samples}
     if "E" in nets:
         rec = reconstruct(nets["E"], nets["G"], run.fixed_x.to(run.device)).float().cpu()
         groups["real"], groups["reconstructions"] = list(run.fixed_x), list(rec)
-        spreads.update({"rec_spread": metrics.spread(rec) / real} if real > 0 else {})
+        spread_of["rec_spread"] = rec
     save_figure(
         planes_columns(groups, title=f"{cfg.model}, iteration {it}"), run.out / "samples" / f"iter_{it:06d}.png", 80
     )
-    return spreads
+    real = metrics.spread(run.fixed_x)  # 0 with one fixed volume (n_fixed=1): no spread to compare with
+    return {k: metrics.spread(v) / real for k, v in spread_of.items()} if real > 0 else {}
 
 
 def _log(run: Run, done: int, terms: Terms, extra: dict[str, float]) -> None:

@@ -355,12 +355,12 @@ def _write_nifti(volume: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 def _check_disk(first: Path, n: int) -> None:
     """Refuse, before it fills the disk, a cohort of `n` files each about as large as the `first`."""
-    needed = int(first.stat().st_size * 1.1 * (n - 1))
-    free = shutil.disk_usage(first.parent).free
+    size = first.stat().st_size
+    needed, free = int(size * 1.1 * (n - 1)), shutil.disk_usage(first.parent).free
     if needed > free:
         raise DiskFull(
             f"{first.parent}: {n} subjects need about {needed / 2**30:.1f} GiB more (the first took "
-            f"{first.stat().st_size / 2**20:.2f} MiB), {free / 2**30:.1f} GiB are free; give a smaller --n or "
+            f"{size / 2**20:.2f} MiB), {free / 2**30:.1f} GiB are free; give a smaller --n or "
             f"another --out"
         )
 
