@@ -348,7 +348,8 @@ def _mean_sd(mean: float, sd: float) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    """Table 1 in the paper's form: one row per model and the real data, MMD and MS-SSIM, plus what we add."""
+    """Table 1 in the paper's form: one row per model and the real data, MMD and MS-SSIM, plus what we add; then
+    the conclusions drawn from it, and the paper's own table."""
     lines = [
         f"Real side: {results['real']['data']}. Sampling: {results['sampling']}.",
         "",
@@ -368,6 +369,7 @@ def markdown_table(results: dict) -> str:
         f"| real (held out) | | | | {real['ms_ssim']:.3f} | {real['brain_overlap']:.3f} (lowest "
         f"{real['brain_overlap_lowest']:.3f}) | | |"
     )
+    lines += ["", "What these numbers say:", "", *(f"- {line}" for line in conclusions(results))]
     lines += [
         "",
         "The paper's Table 1 (ADNI, 64³, its own MMD scale):",

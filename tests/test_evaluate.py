@@ -8,6 +8,7 @@ import torch
 from alphagan.cli import main
 from alphagan.config import make_config
 from alphagan.data.prepare import prepare
+from alphagan.evaluate import conclusions
 from alphagan.features import ResNet3D
 from alphagan.train import train
 
@@ -62,6 +63,8 @@ def test_evaluate_writes_table_json_and_figures(runs, tmp_path):
     assert 0 < row["ms_ssim"] <= 1 and row["mmd"] > 0
     table = (tmp_path / "eval" / "table.md").read_text()
     assert "| vae-gan |" in table and "| real (held out) |" in table and "ours z1000 | 0.072 | 0.829" in table
+    said = table.split("What these numbers say:")[1].split("The paper's Table 1")[0]  # the summary keeps them
+    assert said.split() == [w for line in conclusions(results) for w in f"- {line}".split()]
     for figure in ("pca.png", "volumes.png", "nearest.png"):
         assert (tmp_path / "eval" / figure).stat().st_size > 5000
 
@@ -98,7 +101,6 @@ def test_train_takes_the_size_of_its_cache(tmp_path, cohort_dir, capsys):
 
 def test_conclusions_follow_the_numbers():
     from alphagan.classifier import AugmentationResult
-    from alphagan.evaluate import conclusions
 
     shaped = {"brain_overlap": 0.93, "brain_shaped": True}
     results = {

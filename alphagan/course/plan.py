@@ -10,19 +10,30 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
-from alphagan.config import make_config
+from alphagan.config import as_written, make_config
 from alphagan.course.settings import course_settings
 
 
 @dataclass(frozen=True)
 class TrainingRun:
-    """One training run a notebook makes: the model and latent size (what an iteration costs), its iterations,
-    and whether it starts from random weights (then the profile's floor applies) or fine-tunes notebook 03's."""
+    """One training run a notebook makes: the model, latent size and whether it is the paper as written (what an
+    iteration costs), its iterations, and whether it starts from random weights (then the profile's floor
+    applies) or fine-tunes notebook 03's."""
 
     model: str
     latent: int
     iters: int
     from_scratch: bool = True
+    paper: bool = False  # `config.as_written`: notebook 03's comparison run, without LEARNS
+
+    @property
+    def kind(self) -> tuple[str, int, bool]:
+        """What decides the cost of one of its iterations."""
+        return self.model, self.latent, self.paper
+
+    @property
+    def label(self) -> str:
+        return self.model + (f" z{self.latent}" if self.latent != 1000 else "") + (" as written" if self.paper else "")
 
 
 @dataclass
@@ -31,11 +42,11 @@ class Plan:
 
     profile: str
     runs: dict[str, list[TrainingRun]]
-    seconds: dict[tuple[str, int], float] = field(default_factory=dict)  # (model, latent) -> s per iteration
+    seconds: dict[tuple[str, int, bool], float] = field(default_factory=dict)  # TrainingRun.kind -> s per iteration
 
     def minutes(self, notebook: str) -> float:
         """Training minutes of one notebook here (synthesis and evaluation come on top)."""
-        return sum(r.iters * self.seconds[(r.model, r.latent)] for r in self.runs.get(notebook, [])) / 60
+        return sum(r.iters * self.seconds[r.kind] for r in self.runs.get(notebook, [])) / 60
 
     def iters(self, notebook: str) -> int | None:
         """The iterations of a notebook's training runs (one number per notebook), None if it trains nothing."""
@@ -50,7 +61,7 @@ class Plan:
     def table(self) -> str:
         lines = ["| notebook | training runs | iterations each | training minutes here |", "|---|---:|---:|---:|"]
         for notebook, runs in self.runs.items():
-            models = ", ".join(sorted({r.model if r.latent == 1000 else f"{r.model} z{r.latent}" for r in runs}))
+            models = ", ".join(sorted({r.label for r in runs}))
             lines.append(f"| {notebook} | {len(runs)} ({models}) | {runs[0].iters} | {self.minutes(notebook):.1f} |")
         total = sum(self.minutes(n) for n in self.runs)
         return "\n".join([*lines, f"| all | {sum(map(len, self.runs.values()))} | | {total:.1f} |"])
@@ -64,7 +75,7 @@ def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str
     it = {nb: own.get(nb, default) for nb, default in (("03", cfg.iters), ("04", cfg.iters),
           ("05", course.diseased_iters or cfg.iters), ("06", course.aug_iters or cfg.iters))}  # fmt: skip
     scratch = not course.warm_start
-    runs = {"03": [TrainingRun("alpha-wgan-gp", cfg.latent, it["03"])] * 2}  # this run and the paper as written
+    runs = {"03": [TrainingRun("alpha-wgan-gp", cfg.latent, it["03"], paper=paper) for paper in (False, True)]}
     others = [TrainingRun(m, cfg.latent, it["04"]) for m in course.eval_models if m != "alpha-wgan-gp"]
     latents = [TrainingRun("alpha-wgan-gp", z, it["04"]) for z in course.latents if z != cfg.latent]
     if others or latents:
@@ -74,9 +85,12 @@ def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str
     return runs
 
 
-def seconds_per_iteration(profile: str, model: str, latent: int, warmup: int = 1, timed: int = 2) -> float:
-    """Seconds of one training iteration of `model` at `profile`'s settings on this machine, timed on random
-    volumes with the iteration `train()` runs (`steps.iteration`), after `warmup` untimed iterations."""
+def seconds_per_iteration(
+    profile: str, model: str, latent: int, paper: bool = False, warmup: int = 1, timed: int = 2
+) -> float:
+    """Seconds of one training iteration of `model` at `profile`'s settings (`paper`: as written) on this machine,
+    timed on random volumes with the iteration `train()` runs (`steps.iteration`), after `warmup` untimed
+    iterations."""
     import numpy as np
     import torch
 
@@ -86,6 +100,7 @@ def seconds_per_iteration(profile: str, model: str, latent: int, warmup: int = 1
     from alphagan.train import Graphed, pick_device, pick_dtype
 
     cfg = make_config(profile, model, latent=latent)
+    cfg = as_written(cfg) if paper else cfg
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
     nets = build_networks(model, cfg.size, cfg.width, latent, cfg.code_hidden, cfg.critic_norm)
@@ -113,7 +128,7 @@ def plan_course(profile: str, minutes: float | None = None, only: list[str] | No
     iterations so that training fits them. Raises ValueError when that falls below the profile's floor."""
     runs = {nb: r for nb, r in training_runs(profile).items() if only is None or nb in only}
     plan = Plan(profile, runs)
-    for kind in sorted({(r.model, r.latent) for rs in runs.values() for r in rs}):
+    for kind in sorted({r.kind for rs in runs.values() for r in rs}):
         plan.seconds[kind] = seconds_per_iteration(profile, *kind)
     planned = sum(plan.minutes(nb) for nb in runs)
     if minutes is None or planned <= 0:
