@@ -22,17 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from alphagan.config import LEARNS
+
+CPU_NETS = dict(size=32, width=16, batch=4, code_hidden=1024)  # the cpu profile's (code discriminator 1024 wide)
 GRIDS = {
-    "cpu": [  # the cpu profile's networks (code discriminator 1024 wide), then variants
-        dict(size=32, width=16, batch=4, code_hidden=1024),
-        dict(size=32, width=16, batch=4, code_hidden=1024, channels_last=True),
-        dict(size=64, width=16, batch=4, code_hidden=1024),
-        dict(size=32, width=16, batch=4, code_hidden=1024, compile=True),
-    ],
-    "critic": [  # the cpu profile as written, with LEARNS, and with five critic steps per iteration on top
-        dict(size=32, width=16, batch=4, code_hidden=1024),
-        dict(size=32, width=16, batch=4, code_hidden=1024, lambda_rec=1000.0, critic_norm="layer"),
-        dict(size=32, width=16, batch=4, code_hidden=1024, lambda_rec=1000.0, critic_norm="layer", d_steps=5),
+    "cpu": [CPU_NETS, {**CPU_NETS, "channels_last": True}, {**CPU_NETS, "size": 64}, {**CPU_NETS, "compile": True}],
+    "critic": [  # the cpu profile as written, then with LEARNS but its critic steps, then with all of LEARNS
+        CPU_NETS,
+        {**CPU_NETS, **{k: v for k, v in LEARNS.items() if k != "d_steps"}},
+        {**CPU_NETS, **LEARNS},
     ],
     "gpu": [
         dict(size=64, width=64, batch=4, precision="bf16"),

@@ -33,6 +33,7 @@ class TrainingRun:
 
     @property
     def label(self) -> str:
+        """How the plan's table names it."""
         return self.model + (f" z{self.latent}" if self.latent != 1000 else "") + (" as written" if self.paper else "")
 
 
