@@ -126,7 +126,7 @@ def test_nan_stops_the_run_naming_term_and_iteration(tmp_path, monkeypatch):
     def poisoned(*args, **kwargs):
         loss, terms = real_d(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:  # the discriminator step of iteration 3
+        if calls["n"] == 2 * cfg.d_steps + 1:  # the first discriminator step of iteration 3
             terms["gp_d"] = torch.tensor(float("nan"))
             loss = loss * float("nan")
         return loss, terms
