@@ -142,7 +142,8 @@ def main() -> None:
     print_table(rows, base)
 
 
-# The table's own columns; any other setting of a variant is listed under "other settings".
+# Settings with a column of their own, or the same in every variant of a grid (code_hidden); any other setting
+# of a variant is listed under "other settings".
 SHOWN = {"model", "size", "width", "batch", "precision", "channels_last", "compile", "cuda_graphs", "recipe",
          "code_hidden"}  # fmt: skip
 

@@ -308,7 +308,7 @@ def test_sample_replaces_earlier_samples_only_when_told_and_then_only_its_own(tm
 def test_course_refuses_a_folder_holding_the_users_summary(tmp_path, capsys, monkeypatch):
     from alphagan.course import plan
 
-    monkeypatch.setattr(plan, "seconds_per_iteration", lambda profile, model, latent, paper=False: 0.5)
+    monkeypatch.setattr(plan, "seconds_per_iteration", lambda profile, model, latent, as_written=False: 0.5)
     out = tmp_path / "course"
     out.mkdir()
     (out / "summary.md").write_text("my summary")

@@ -18,14 +18,14 @@ def test_the_plan_lists_every_training_run_the_notebooks_make():
         ("alpha-gan", 1000), ("wgan-gp", 1000), ("vae-gan", 1000), ("alpha-wgan-gp", 100), ("alpha-wgan-gp", 2048)
     }  # fmt: skip
     assert runs["03"][0].iters == runs["04"][0].iters == cfg.iters
-    assert [r.paper for r in runs["03"]] == [False, True]  # the paper as written is timed as written (d_steps 1)
+    assert [r.as_written for r in runs["03"]] == [False, True]  # the paper as written is timed as written (d_steps 1)
     assert runs["05"][0].iters == settings.diseased_iters and not runs["05"][0].from_scratch  # fine-tuned
 
 
 @pytest.fixture
 def half_a_second(monkeypatch):
     """Every iteration costs 0.5 s: the plan's arithmetic without timing anything."""
-    monkeypatch.setattr(course_plan, "seconds_per_iteration", lambda profile, model, latent, paper=False: 0.5)
+    monkeypatch.setattr(course_plan, "seconds_per_iteration", lambda profile, model, latent, as_written=False: 0.5)
 
 
 def test_minutes_scale_every_notebooks_iterations(half_a_second):
@@ -66,8 +66,8 @@ def test_the_scaled_iterations_reach_the_notebooks_and_the_summary(half_a_second
 
 def test_timing_runs_the_models_real_updates():
     # No speed is asserted (no timed tests): the timing runs the model's updates and returns a positive number.
-    for model, paper in (("wgan-gp", False), ("alpha-wgan-gp", True)):
-        assert 0 < course_plan.seconds_per_iteration("smoke", model, 16, paper) < float("inf")
+    for model, as_written in (("wgan-gp", False), ("alpha-wgan-gp", True)):
+        assert 0 < course_plan.seconds_per_iteration("smoke", model, 16, as_written) < float("inf")
 
 
 def test_results_page_is_written_from_a_runs_summary_with_its_figures(tmp_path):

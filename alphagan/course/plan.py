@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
-from alphagan.config import as_written, make_config
+from alphagan import config
+from alphagan.config import make_config
 from alphagan.course.settings import course_settings
 
 
@@ -24,17 +25,18 @@ class TrainingRun:
     latent: int
     iters: int
     from_scratch: bool = True
-    paper: bool = False  # `config.as_written`: notebook 03's comparison run, without LEARNS
+    as_written: bool = False  # `config.as_written`: notebook 03's comparison run, without LEARNS
 
     @property
     def kind(self) -> tuple[str, int, bool]:
         """What decides the cost of one of its iterations."""
-        return self.model, self.latent, self.paper
+        return self.model, self.latent, self.as_written
 
     @property
     def label(self) -> str:
         """How the plan's table names it."""
-        return self.model + (f" z{self.latent}" if self.latent != 1000 else "") + (" as written" if self.paper else "")
+        latent = f" z{self.latent}" if self.latent != 1000 else ""
+        return self.model + latent + (" as written" if self.as_written else "")
 
 
 @dataclass
@@ -76,7 +78,7 @@ def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str
     it = {nb: own.get(nb, default) for nb, default in (("03", cfg.iters), ("04", cfg.iters),
           ("05", course.diseased_iters or cfg.iters), ("06", course.aug_iters or cfg.iters))}  # fmt: skip
     scratch = not course.warm_start
-    runs = {"03": [TrainingRun("alpha-wgan-gp", cfg.latent, it["03"], paper=paper) for paper in (False, True)]}
+    runs = {"03": [TrainingRun("alpha-wgan-gp", cfg.latent, it["03"], as_written=w) for w in (False, True)]}
     others = [TrainingRun(m, cfg.latent, it["04"]) for m in course.eval_models if m != "alpha-wgan-gp"]
     latents = [TrainingRun("alpha-wgan-gp", z, it["04"]) for z in course.latents if z != cfg.latent]
     if others or latents:
@@ -87,10 +89,10 @@ def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str
 
 
 def seconds_per_iteration(
-    profile: str, model: str, latent: int, paper: bool = False, warmup: int = 1, timed: int = 2
+    profile: str, model: str, latent: int, as_written: bool = False, warmup: int = 1, timed: int = 2
 ) -> float:
-    """Seconds of one training iteration of `model` at `profile`'s settings (`paper`: as written) on this machine,
-    timed on random volumes with the iteration `train()` runs (`steps.iteration`), after `warmup` untimed
+    """Seconds of one training iteration of `model` at `profile`'s settings (`as_written`: without LEARNS) on this
+    machine, timed on random volumes with the iteration `train()` runs (`steps.iteration`), after `warmup` untimed
     iterations."""
     import numpy as np
     import torch
@@ -101,7 +103,7 @@ def seconds_per_iteration(
     from alphagan.train import Graphed, pick_device, pick_dtype
 
     cfg = make_config(profile, model, latent=latent)
-    cfg = as_written(cfg) if paper else cfg
+    cfg = config.as_written(cfg) if as_written else cfg
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
     nets = build_networks(model, cfg.size, cfg.width, latent, cfg.code_hidden, cfg.critic_norm)
