@@ -97,8 +97,9 @@ class Config:
 # What the alpha-WGAN-GP needs, beyond the paper's settings, to learn at the course's sizes (docs/method.md,
 # section 7, measured by bench/ablation.py, two seeds to 3 000 iterations): a reconstruction weight whose gradient
 # is not swamped by the critic's, a critic that scores each volume on its own (layer normalisation instead of
-# BatchNorm), and five critic updates per iteration, so that the samples do not collapse as training goes on.
-# The five cost 1.7x per iteration at the `cpu` profile (bench/train_step.py --grid critic).
+# BatchNorm), and five critic updates per iteration, with which the samples were the most varied at 3 000
+# iterations. λ₂ alone also kept them varied, to 5 000 iterations in both seeds; the five make an iteration
+# 2.1-2.7x as long at the `cpu` profile (bench/train_step.py --grid critic, an idle 2-core Xeon).
 LEARNS: dict[str, Any] = {"lambda_rec": 1000.0, "critic_norm": "layer", "d_steps": 5}
 
 

@@ -3,10 +3,12 @@
     python bench/train_step.py                 # a CPU-sized grid (32^3 and 64^3 at width 16)
     python bench/train_step.py --grid gpu      # the paper's 64^3 / width 64 and 128^3, fp32 vs bf16, compile
     python bench/train_step.py --grid critic   # the cost of config.LEARNS and of five critic steps, at 32^3
+    python bench/train_step.py --grid cpu-bf16 # bf16 autocast against fp32 on a CPU, as written and with LEARNS
     python bench/train_step.py --before /tmp/old   # each variant also with an older checkout's package
 
 Every variant runs the real loop (`alphagan.train.train`) in its own process on a prepared cache, so peak memory
-is that variant's alone; the first `--warmup` iterations (cuDNN autotuning, compilation) are not timed.
+is that variant's alone; the first `--warmup` iterations (cuDNN autotuning, compilation) are not timed, nor the
+last, after which `train()` saves a picture and a checkpoint. `--before` takes a checkout from d1f1837 on.
 "The authors' recipe" is the same loop in fp32 without channels_last, plus what their data pipeline costs today:
 every batch read from NIfTI files and resized to the cube on the fly, measured here on the same files.
 """
@@ -32,6 +34,12 @@ GRIDS = {
         {**CPU_NETS, **{k: v for k, v in LEARNS.items() if k != "d_steps"}},
         {**CPU_NETS, **LEARNS},
     ],
+    "cpu-bf16": [
+        CPU_NETS,
+        {**CPU_NETS, "precision": "bf16"},
+        {**CPU_NETS, **LEARNS},
+        {**CPU_NETS, **LEARNS, "precision": "bf16"},
+    ],
     "gpu": [
         dict(size=64, width=64, batch=4, precision="bf16"),
         dict(size=64, width=64, batch=4, precision="bf16", cuda_graphs=False),
@@ -54,18 +62,23 @@ def run_variant(
 
     `pythonpath` runs another copy of the package (an older commit, for a before/after comparison)."""
     code = f"""
-import json, resource, sys, torch
+import json, resource, time, torch
 from alphagan.config import make_config
 from alphagan.train import train
-v = {variant!r}
-cfg = make_config("paper", latent=1000, iters={warmup + iters}, log_every={warmup}, sample_every=10**9,
-                  ckpt_every=10**9, n_fixed=2, n_subjects=16, **v)
-train(cfg, {str(data)!r}, {str(out)!r}, progress=False)
-records = [json.loads(x) for x in open({str(out / "metrics.jsonl")!r})]
-timed = [r for r in records if r["iter"] > {warmup}]
+v, first, last = {variant!r}, {warmup}, {warmup + iters}
+marks = {{}}
+def mark(done):  # the clock at the end of iterations `first` and `last`
+    if done in (first, last):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        marks[done] = time.perf_counter()
+# One iteration more than timed: train() saves a picture and a checkpoint after its last one.
+cfg = make_config("paper", latent=1000, iters=last + 1, sample_every=10**9, ckpt_every=10**9, n_fixed=2,
+                  n_subjects=16, **v)
+train(cfg, {str(data)!r}, {str(out)!r}, progress=False, after_iteration=mark)
 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else \\
     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({{"it_per_s": timed[-1]["it_per_s"], "peak_gb": peak}}))
+print(json.dumps({{"it_per_s": (last - first) / (marks[last] - marks[first]), "peak_gb": peak}}))
 """
     env = dict(os.environ)
     if pythonpath:  # first on the path, so that its `alphagan` is the one imported
