@@ -2,8 +2,8 @@
 
     python bench/train_step.py                 # a CPU-sized grid (32^3 and 64^3 at width 16)
     python bench/train_step.py --grid gpu      # the paper's 64^3 / width 64 and 128^3, fp32 vs bf16, compile
-    python bench/train_step.py --grid critic   # the cost of config.LEARNS and of five critic steps, at 32^3
-    python bench/train_step.py --grid cpu-bf16 # bf16 autocast against fp32 on a CPU, as written and with LEARNS
+    python bench/train_step.py --grid critic   # the cost of config.LEARNS, layer norm and five critic steps, at 32^3
+    python bench/train_step.py --grid cpu-bf16 # bf16 autocast against fp32 on a CPU, as written and with 5 critic steps
     python bench/train_step.py --before /tmp/old   # each variant also with an older checkout's package
 
 Every variant runs the real loop (`alphagan.train.train`) in its own process on a prepared cache, so peak memory
@@ -29,16 +29,17 @@ from alphagan.config import LEARNS
 CPU_NETS = dict(size=32, width=16, batch=4, code_hidden=1024)  # the cpu profile's (code discriminator 1024 wide)
 GRIDS = {
     "cpu": [CPU_NETS, {**CPU_NETS, "channels_last": True}, {**CPU_NETS, "size": 64}, {**CPU_NETS, "compile": True}],
-    "critic": [  # the cpu profile as written, then with LEARNS but its critic steps, then with all of LEARNS
+    "critic": [  # the cpu profile as written, then with LEARNS (lambda_2), with layer norm, with five critic steps
         CPU_NETS,
-        {**CPU_NETS, **{k: v for k, v in LEARNS.items() if k != "d_steps"}},
         {**CPU_NETS, **LEARNS},
+        {**CPU_NETS, **LEARNS, "critic_norm": "layer"},
+        {**CPU_NETS, **LEARNS, "critic_norm": "layer", "d_steps": 5},
     ],
     "cpu-bf16": [
         CPU_NETS,
         {**CPU_NETS, "precision": "bf16"},
-        {**CPU_NETS, **LEARNS},
-        {**CPU_NETS, **LEARNS, "precision": "bf16"},
+        {**CPU_NETS, **LEARNS, "critic_norm": "layer", "d_steps": 5},
+        {**CPU_NETS, **LEARNS, "critic_norm": "layer", "d_steps": 5, "precision": "bf16"},
     ],
     "gpu": [
         dict(size=64, width=64, batch=4, precision="bf16"),

@@ -18,7 +18,7 @@ def test_the_plan_lists_every_training_run_the_notebooks_make():
         ("alpha-gan", 1000), ("wgan-gp", 1000), ("vae-gan", 1000), ("alpha-wgan-gp", 100), ("alpha-wgan-gp", 2048)
     }  # fmt: skip
     assert runs["03"][0].iters == runs["04"][0].iters == cfg.iters
-    assert [r.as_written for r in runs["03"]] == [False, True]  # the paper as written is timed as written (d_steps 1)
+    assert [r.as_written for r in runs["03"]] == [False, True]  # the paper as written: lambda_rec 10
     assert runs["05"][0].iters == settings.diseased_iters and not runs["05"][0].from_scratch  # fine-tuned
 
 
