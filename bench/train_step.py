@@ -24,22 +24,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from ablation import VARIANTS  # bench/ablation.py, beside this script: the variants whose cost is measured here
+
 from alphagan.config import LEARNS
 
+ALL_THREE = VARIANTS["lambda_rec 1000, critic_norm layer, d_steps 5"]  # LEARNS until lambda_rec alone sufficed
 CPU_NETS = dict(size=32, width=16, batch=4, code_hidden=1024)  # the cpu profile's (code discriminator 1024 wide)
 GRIDS = {
     "cpu": [CPU_NETS, {**CPU_NETS, "channels_last": True}, {**CPU_NETS, "size": 64}, {**CPU_NETS, "compile": True}],
-    "critic": [  # the cpu profile as written, then with LEARNS (lambda_2), with layer norm, with five critic steps
+    "critic": [  # the cpu profile as written, with LEARNS, then the ablation's λ₂ + layer norm and all three
         CPU_NETS,
         {**CPU_NETS, **LEARNS},
-        {**CPU_NETS, **LEARNS, "critic_norm": "layer"},
-        {**CPU_NETS, **LEARNS, "critic_norm": "layer", "d_steps": 5},
+        {**CPU_NETS, **VARIANTS["lambda_rec 1000, critic_norm layer"]},
+        {**CPU_NETS, **ALL_THREE},
     ],
     "cpu-bf16": [
         CPU_NETS,
         {**CPU_NETS, "precision": "bf16"},
-        {**CPU_NETS, **LEARNS, "critic_norm": "layer", "d_steps": 5},
-        {**CPU_NETS, **LEARNS, "critic_norm": "layer", "d_steps": 5, "precision": "bf16"},
+        {**CPU_NETS, **ALL_THREE},
+        {**CPU_NETS, **ALL_THREE, "precision": "bf16"},
     ],
     "gpu": [
         dict(size=64, width=64, batch=4, precision="bf16"),
