@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from alphagan.config import MODELS, PROFILES, Config
+from alphagan.config import MODELS, PRECISIONS, PROFILES, SIZES, Config, SettingError, check
 
 # The `train` options that set a Config field of the same name, with their help texts.
 TRAIN_SETTINGS = {
@@ -73,17 +74,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from alphagan.config import default_profile, make_config
+    from alphagan.config import make_config
     from alphagan.data.dataset import Source
+    from alphagan.device import choose_profile
     from alphagan.train import TrainingDiverged, train
 
+    if args.resume and (args.overwrite or args.init):
+        other = "--overwrite" if args.overwrite else "--init"
+        raise ValueError(f"--resume continues the run in {args.out} as it was, {other} starts another; give one")
     overrides = {name: getattr(args, name) for name in (*TRAIN_SETTINGS, "precision", "device")}
     overrides.update(channels_last=args.channels_last or None, compile=args.compile or None)
     source = Source.parse(args.data)
     if overrides["size"] is None and not source.synthetic and (source.cache / "settings.json").exists():
         overrides["size"] = json.loads((source.cache / "settings.json").read_text()).get("size")
         print(f"train: {source.cache} holds {overrides['size']}³ volumes; training at that size", file=sys.stderr)
-    cfg = make_config(args.profile or default_profile(), args.model, **overrides)
+    try:
+        cfg = make_config(choose_profile(args.profile)[0], args.model, **overrides)
+    except SettingError as exc:  # named as the user typed it
+        raise ValueError(f"--{exc.name.replace('_', '-')} {exc.rule}") from None
     try:
         result = train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, init=args.init)
     except TrainingDiverged as exc:
@@ -156,9 +164,22 @@ _at_least_two = _at_least(2)  # a diversity score needs a pair
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return value
+
+
+def _setting(name: str):
+    """An argparse type for the Config field `name`: its type, then its rule (`config.check`)."""
+    kind = type(getattr(Config(), name))
+
+    def parse(text: str):
+        try:
+            return check(name, kind(text))
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(exc.rule) from None
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,14 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=64, help="edge of the cube, or 1mm for the template's grid")
     p.add_argument("--kind", choices=("normal", "tumor", "stroke"), default="normal")
     p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_setting("seed"), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synth's cohort in --out")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="preprocess NIfTI/MGH volumes into a training cache")
     p.add_argument("--src", required=True, help="a folder or a glob pattern")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=64, help=f"edge of the training cube: {', '.join(map(str, SIZES))}")
     p.add_argument("--layout", default="auto", choices=("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon"))
     p.add_argument("--modality", default=None, help="e.g. t1, t2, flair (layout-dependent)")
     p.add_argument("--stretch", action="store_true", help="resize each axis to the cube (the authors' way)")
@@ -192,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the run folder: config.json, metrics.jsonl, checkpoints, samples")
     p.add_argument("--model", choices=MODELS, default="alpha-wgan-gp", help="default: alpha-wgan-gp")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu on a CUDA GPU, else cpu")
-    for name, text in TRAIN_SETTINGS.items():  # each typed like its Config field
+    for name, text in TRAIN_SETTINGS.items():  # each typed like its Config field, and checked as it is (cmd_train)
         kind = type(getattr(Config(), name))
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text}; default: the profile's")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -212,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file or a folder of them")
     p.add_argument("--n", type=_positive, default=16)
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_setting("seed"), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
     p.set_defaults(func=cmd_sample)
 
@@ -225,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-anatomy", type=_positive, default=64, help="volumes segmented per model")
     p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
     p.add_argument("--features", default=None, help="MedicalNet-style 3D ResNet-10 weights for a Fréchet distance")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_setting("seed"), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     p.set_defaults(func=cmd_evaluate)
 

@@ -25,9 +25,9 @@ from alphagan.config import Config
 from alphagan.data.cache import load_cache
 from alphagan.data.dataset import Source, load_training_volumes
 from alphagan.data.space import cube_affine
+from alphagan.device import pick_device
 from alphagan.folders import atomic, claim
 from alphagan.sampling import generate, load_generator
-from alphagan.train import pick_device
 
 HELD_OUT_SEED_OFFSET = 10_000  # synthetic held-out subjects: a cohort seed no training run uses by default
 QUANTITIES = ("brain_ml", "gm_ml", "wm_ml", "csf_ml")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alphagan.config import NORMS
+
 
 def _levels(size: int) -> int:
     """How many factor-two steps separate `size` from the 4^3 trunk end."""
@@ -83,21 +85,20 @@ class ResizeConv3d(nn.Conv3d):
     with 8x the output channels and are interleaved ("sub-pixel"). Same weights and result as
     `nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv3d(c_in, c_out, 3, 1, 1, bias=False))`, which is how
     docs/method.md writes it; on a CPU the generator's last layer (one output channel) runs 8x faster this way
-    (bench/layers.py)."""
+    (bench/layers.py). The taps are a buffer (not saved in checkpoints), so they live on the layer's device: a
+    CUDA graph cannot copy them from the host while it captures."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, 1, 1, bias=False)
+        self.register_buffer("taps", _PHASE_TAPS.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        taps = _PHASE_TAPS.to(self.weight)
+        taps = self.taps.to(self.weight.dtype)
         phases = torch.einsum("apu,bqv,crw,oiuvw->oabcipqr", taps, taps, taps, self.weight)
         y = F.conv3d(x, phases.reshape(8 * self.out_channels, self.in_channels, 3, 3, 3), padding=1)
         b, _, d, h, w = y.shape
         y = y.view(b, self.out_channels, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
         return y.reshape(b, self.out_channels, 2 * d, 2 * h, 2 * w)
-
-
-NORMS = ("batch", "layer", "none")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

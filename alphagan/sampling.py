@@ -24,6 +24,7 @@ from torch.optim.swa_utils import update_bn
 from alphagan.checkpoint import find_checkpoint, load_checkpoint
 from alphagan.config import Config
 from alphagan.data.space import DEFAULT_FOV_MM, cube_affine
+from alphagan.device import pick_device
 from alphagan.folders import atomic, claim
 from alphagan.models import Generator
 
@@ -95,7 +96,6 @@ def write_samples(
     """`python -m alphagan sample`: n volumes of a checkpoint's generator as NIfTI files in `out` (claimed as
     `alphagan.folders.claim` says), written as they are generated, and samples.png of the first 32."""
     from alphagan.progress import tqdm
-    from alphagan.train import pick_device
     from alphagan.viz import cuts_grid, save_figure, use_headless_backend
 
     use_headless_backend()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -163,6 +164,34 @@ def run_update(
     if watch is not None:
         watch(update.name, terms)
     return terms
+
+
+def update_steps(
+    nets: Nets,
+    opts: dict[str, torch.optim.Optimizer],
+    inputs: Inputs,
+    cfg: Config,
+    amp_dtype: torch.dtype,
+    learning: Nets | None = None,
+    watch: Watch | None = None,
+) -> dict[str, Callable[[], losses.Terms]]:
+    """Each update of `cfg.model` as one call of `run_update` with no arguments, as `train()` runs and, on a GPU,
+    captures it as a CUDA graph: autocast to `amp_dtype`, fp16 loss scaling, the networks that learn called as
+    `learning` (DDP- or compile-wrapped; default: `nets`), the others plain."""
+    device_type = _device_type(nets)
+    mixed = amp_dtype != torch.float32
+    autocast = partial(torch.autocast, device_type, dtype=amp_dtype) if mixed else nullcontext
+    learning = learning or nets
+    steps = {}
+    for u in UPDATES[cfg.model]:
+        called = {k: learning[k] if k in u.learns else net for k, net in nets.items()}
+        scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+        steps[u.name] = partial(run_update, u, called, opts[u.name], inputs, cfg, scaler, autocast, watch)
+    return steps
+
+
+def _device_type(nets: Nets) -> str:
+    return next(p for net in nets.values() for p in net.parameters()).device.type
 
 
 def iteration(

@@ -29,7 +29,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,12 @@ from alphagan import metrics
 from alphagan.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from alphagan.config import Config
 from alphagan.data.dataset import Batches, Source, data_digest, load_training_volumes
+from alphagan.device import pick_device, pick_dtype
 from alphagan.folders import atomic, claim
 from alphagan.losses import Terms
 from alphagan.models import build_networks
 from alphagan.sampling import calibrated_generator, generate, reconstruct, save_nifti
-from alphagan.steps import UPDATES, Inputs, Update, iteration, optimisers, run_update
+from alphagan.steps import UPDATES, Inputs, Update, iteration, optimisers, update_steps
 
 # Settings that must not change when a run is resumed (iterations, logging and device may).
 RUN_DEFINING = (
@@ -85,33 +85,6 @@ class TrainResult:
 
 class TrainingDiverged(RuntimeError):
     """A loss term became NaN or infinite."""
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """CUDA if present, else Apple's MPS, else the CPU; or the device named, if this machine has it."""
-    if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA GPU here (torch {torch.__version__}); use --device cpu or auto")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ValueError(f"--device {name}: Apple's MPS is not available here; use --device cpu or auto")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype. `auto`: bf16 where the GPU computes it natively (Ampere and newer), fp16 with loss
-    scaling on older GPUs (a T4 reports bf16 support through slow emulation), fp32 on other devices."""
-    if precision == "auto":
-        if device.type != "cuda":
-            precision = "fp32"
-        else:
-            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class FiniteWatch:
@@ -187,7 +160,7 @@ class Graphed:
         return terms
 
 
-def _use_graphs(cfg: Config, device: torch.device, distributed: bool, amp_dtype: torch.dtype) -> bool:
+def use_graphs(cfg: Config, device: torch.device, distributed: bool, amp_dtype: torch.dtype) -> bool:
     """CUDA graphs where they are safe: one CUDA process, no compile, no fp16 loss scaling (host-side state)."""
     single_cuda = device.type == "cuda" and not distributed
     return cfg.cuda_graphs and single_cuda and not cfg.compile and amp_dtype != torch.float16
@@ -402,7 +375,7 @@ def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | N
     nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
     for net in nets.values():
         net.to(device, memory_format=memory_format)
-    graphs = _use_graphs(cfg, device, world > 1, pick_dtype(cfg.precision, device))
+    graphs = use_graphs(cfg, device, world > 1, pick_dtype(cfg.precision, device))
     # Fused Adam: one pass over each parameter instead of one per arithmetic step; on a CPU the latent-sized
     # layers (millions of weights, a few multiply-adds each) otherwise spend more time in Adam than in the model.
     opts = optimisers(nets, UPDATES[cfg.model], cfg, fused=True, capturable=graphs)
@@ -426,15 +399,9 @@ def _updates(run: Run) -> Graphed:
     """Each update of the model as one call of `steps.run_update`, chosen once before the loop."""
     cfg, device = run.cfg, run.device
     amp_dtype = pick_dtype(cfg.precision, device)
-    autocast = partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-    updates = UPDATES[cfg.model]
-    run.watch = FiniteWatch(device, sum(u.times(cfg) for u in updates), run.start)
-    steps = {}
-    for u in updates:
-        called = {k: run.train_nets[k] if k in u.learns else net for k, net in run.nets.items()}
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        steps[u.name] = partial(run_update, u, called, run.opts[u.name], run.inputs, cfg, scaler, autocast, run.watch)
-    return Graphed(steps, _use_graphs(cfg, device, run.distributed, amp_dtype))
+    run.watch = FiniteWatch(device, sum(u.times(cfg) for u in UPDATES[cfg.model]), run.start)
+    steps = update_steps(run.nets, run.opts, run.inputs, cfg, amp_dtype, run.train_nets, run.watch)
+    return Graphed(steps, use_graphs(cfg, device, run.distributed, amp_dtype))
 
 
 def _picture(run: Run, it: int) -> dict[str, float]:

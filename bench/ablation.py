@@ -113,7 +113,7 @@ def _key(variant: str, seed: int, iteration: int) -> str:
 def collect(out: Path, results: Path) -> dict[str, dict]:
     """Every measurement in `results`, plus those of runs under `out` not yet recorded (then saved back)."""
     known = json.loads(results.read_text()) if results.exists() else {}
-    from alphagan.course.runner import machine as this_machine
+    from alphagan.device import machine as this_machine
 
     machine = this_machine()
     for variant in VARIANTS:

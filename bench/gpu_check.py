@@ -1,20 +1,20 @@
-"""The prepared GPU check: one command, about 9 minutes on one GPU, one Markdown report.
+"""The prepared GPU checks: two commands, each fitting one short lease, each writing one folder to commit.
 
-    python bench/gpu_check.py --out report.md                  # on a CUDA GPU
-    python bench/gpu_check.py --dry-run --out /tmp/report.md   # anywhere: every section at toy sizes
+    python bench/gpu_check.py --course --out gpu_course   # the gpu course with --minutes 8: 10 minutes at most
+    python bench/gpu_check.py --step --out gpu_step       # the 64^3 step: roofline and variants, 3 minutes at most
+    python bench/gpu_check.py --course --dry-run --out /tmp/c   # anywhere: the same at the smoke profile, on the CPU
 
 Each section runs in its own process under its own time limit, so a failure costs only its own minutes, and the
-report is rewritten after each section, so a check stopped at its limit still leaves what it measured:
-  1. device: the GPU, PyTorch, native bf16, and the bf16 matrix-product rate (the card's practical ceiling);
-     layers: each layer the networks compute in a faster form, against the plain layer (bench/layers.py);
-  2. cohort: the synthetic training cohort made in parallel processes, then found in its cache by a second call;
-  3. grid: the training loop variant by variant (fp32, bf16, fp16, CUDA graphs, channels_last, compile, batch 16,
-     128^3), the four models, the loop of an older commit (`--before DIR`, a copy of its `alphagan` package's
-     parent folder) and the authors' recipe (the fp32 eager loop plus NIfTI decoding per batch);
-  4. profile: the 15 costliest kernels of one eager bf16 iteration (torch.profiler) and its FLOPs;
-  5. notebook: notebook 03 under papermill at the `gpu` profile, with `--nb-iters` iterations;
-  6. tools: `sample` and `evaluate` from the command line on notebook 03's model.
-`--figures DIR` copies the pictures worth looking at into DIR.
+report (`report.md` in the folder) is rewritten after each section, so a check stopped at its limit, or a machine
+taken back, still leaves what it measured. The limits hold on a cold machine: nothing is assumed cached.
+  `--course`: device, then course: `python -m alphagan course --profile gpu --minutes 8`, exactly as a learner
+     runs it (the defaults: bf16, CUDA graphs), its plan against the minutes each notebook took, then its
+     summary, figures and executed notebooks copied into the folder (no checkpoints, no NIfTI files);
+  `--step`: device, then roofline (bench/roofline.py at the gpu profile, every model), then grid: the training
+     loop variant by variant (CUDA graphs or eager, bf16 or fp32, channels_last, compile, batch 16).
+Further sections for `--only`: layers (bench/layers.py), cohort (the synthetic cohort made, then found in its
+cache), profile (the 15 costliest kernels of one iteration at the defaults), notebook (notebook 03 under papermill
+at the gpu profile, `--nb-iters` iterations), tools (`sample` and `evaluate` on notebook 03's model).
 """
 
 from __future__ import annotations
@@ -25,22 +25,30 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from alphagan.config import MODELS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SECTIONS = {  # name: seconds allowed on a GPU
-    "device": 20,
+    "device": 15,
+    "course": 560,
+    "roofline": 55,
+    "grid": 105,
     "layers": 30,
     "cohort": 100,
-    "grid": 230,
-    "profile": 40,
+    "profile": 60,
     "notebook": 110,
     "tools": 150,
 }
+SUITES = {"course": ["device", "course"], "step": ["device", "roofline", "grid"]}
+COURSE_MINUTES = 8  # the training budget of `--course`: the course in 10 minutes of wall clock
 
 
 def _sizes(dry: bool) -> dict:
@@ -50,7 +58,7 @@ def _sizes(dry: bool) -> dict:
             n=8, size=16, width=4, latent=16, iters=4, warmup=2, nb_profile="smoke", resume=2, eval_n=8, pairs=10
         )
     return dict(
-        n=991, size=64, width=64, latent=1000, iters=100, warmup=10, nb_profile="gpu", resume=50, eval_n=128, pairs=300
+        n=991, size=64, width=64, latent=1000, iters=50, warmup=10, nb_profile="gpu", resume=50, eval_n=128, pairs=300
     )
 
 
@@ -103,54 +111,88 @@ def section_cohort(args: argparse.Namespace) -> str:
     )
 
 
+STEP_VARIANTS = [  # the defaults first; then one change each
+    dict(size=64, width=64, batch=4),
+    dict(size=64, width=64, batch=4, cuda_graphs=False),
+    dict(size=64, width=64, batch=4, precision="fp32"),
+    dict(size=64, width=64, batch=4, channels_last=True),
+    dict(size=64, width=64, batch=16),
+    dict(size=64, width=64, batch=4, compile=True),
+]
+
+
 def section_grid(args: argparse.Namespace) -> str:
+    """The training loop (`train()`, in a process of its own) per variant; the defaults first."""
     import torch
-    from train_step import GRIDS, nifti_batch_seconds, print_table, run_variant
+    from train_step import print_table, run_variant
 
     from alphagan.data.cache import synthetic_cache
-    from alphagan.data.synth import make_cohort
 
     s = _sizes(args.dry_run)
-    work = Path(args.work) / "grid"
-    if args.dry_run:
-        base = dict(size=16, width=4, batch=2)
-        variants = [
-            {**base, "precision": "fp32", "cuda_graphs": False},
-            {**base, "precision": "bf16"},
-            {**base, "precision": "fp16"},
-            {**base, "model": "wgan-gp"},
-        ]
-    else:
-        variants = [
-            *GRIDS["gpu"],
-            *(dict(size=64, width=64, batch=4, model=m) for m in ("alpha-gan", "wgan-gp", "vae-gan")),
-        ]
+    toy = dict(size=s["size"], width=s["width"])
+    variants = [{**v, **toy} if args.dry_run else v for v in STEP_VARIANTS]
     caches = {v["size"]: synthetic_cache(16, v["size"]) for v in variants}
-    rows, first = [], variants[0]
-    if args.before:  # the same loop as an older commit ran it (its defaults: bf16 autocast on CUDA, no graphs)
-        before = {k: first[k] for k in ("size", "width", "batch")}
-        result = run_variant(caches[first["size"]], before, s["iters"], s["warmup"], work / "before", args.before, 60)
-        rows.append(({**before, "recipe": "before"}, result))
-        print(f"grid: before {result}", file=sys.stderr, flush=True)
+    rows = []
     for i, variant in enumerate(variants):
-        long = variant["size"] > 64 or variant["batch"] > 4
-        iters = max(s["iters"] // 4, 2) if long else s["iters"]
-        result = run_variant(caches[variant["size"]], variant, iters, s["warmup"], work / f"run{i}", timeout=60)
-        rows.append((variant, result))
-        print(f"grid {i + 1}/{len(variants)}: {variant} {result}", file=sys.stderr, flush=True)
-    fp32 = next((r for v, r in rows if v.get("precision") == "fp32" and v.get("cuda_graphs") is False), {})
-    if "it_per_s" in fp32:
-        raw = make_cohort(work / "raw", 8, size=min(2 * first["size"], 128), progress=False)
-        data_s = 3 * nifti_batch_seconds(raw, first["size"], first["batch"])
-        authors = 1.0 / (1.0 / fp32["it_per_s"] + data_s)
-        rows.append(({**first, "precision": "fp32", "recipe": "authors'"}, {**fp32, "it_per_s": authors}))
+        iters = max(s["iters"] // 4, 2) if variant["batch"] > 4 else s["iters"]
+        work = Path(args.work) / "grid" / f"run{i}"
+        timeout = (45 if variant.get("compile") else 25) * (3 if args.dry_run else 1)
+        rows.append((variant, run_variant(caches[variant["size"]], variant, iters, s["warmup"], work, timeout=timeout)))
+        print(f"grid {i + 1}/{len(variants)}: {variant} {rows[-1][1]}", file=sys.stderr, flush=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    header = f"{device}; latent 1000 (run_variant's); "
-    header += f"{s['iters']} timed iterations after {s['warmup']} (a quarter of them for 128³ and batch 16)\n\n"
+    header = f"{device}; latent 1000; {s['iters']} timed iterations after {s['warmup']} (a quarter at batch 16)\n\n"
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
-        print_table(rows, first)
+        print_table(rows, variants[0])
     return header + table.getvalue()
+
+
+def section_roofline(args: argparse.Namespace) -> str:
+    """bench/roofline.py at the gpu profile (smoke in a dry run), every model."""
+    from roofline import measure, print_tables
+
+    profile = "smoke" if args.dry_run else "gpu"
+    rows = []
+    for model in MODELS:
+        rows.append(measure(profile, model, iters=3 if args.dry_run else 10))
+        print(f"roofline: {model} done", file=sys.stderr, flush=True)
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        print_tables(rows)
+    return table.getvalue()
+
+
+def section_course(args: argparse.Namespace) -> str:
+    """The course as a learner runs it on a GPU, then its plan against what each notebook took."""
+    work, out = Path(args.work) / "course", Path(args.out)
+    profile = ["--profile", "smoke"] if args.dry_run else ["--profile", "gpu", "--minutes", str(COURSE_MINUTES)]
+    command = [sys.executable, "-m", "alphagan", "course", *profile, "--out", str(work)]
+    start = time.perf_counter()
+    with open(out / "course.log", "w") as log:
+        run = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    _copy_course(work, out / "course")
+    lines = [f"- `python -m alphagan course {' '.join(profile)}`: {seconds / 60:.1f} min, exit {run.returncode}"]
+    lines += ["", *_course_lines(out / "course.log")]
+    summary = out / "course" / "summary.md"
+    if summary.exists():
+        lines += ["", f"Summary: `{summary.relative_to(out)}`"]
+    return "\n".join(lines)
+
+
+def _course_lines(log: Path) -> list[str]:
+    """The plan's table and each notebook's time, from the course's log."""
+    keep = ("|", "course:", "] ", "FAILED")
+    return [line.rstrip() for line in log.read_text().splitlines() if line.startswith(keep) or "done in" in line]
+
+
+def _copy_course(run: Path, into: Path) -> None:
+    """What a course run shows a reader: its summary, executed notebooks, figures, tables and numbers."""
+    for path in sorted(run.rglob("*")):
+        if path.is_file() and path.suffix in (".md", ".ipynb", ".png", ".json") and "checkpoints" not in path.parts:
+            target = into / path.relative_to(run)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
 def section_profile(args: argparse.Namespace) -> str:
@@ -237,53 +279,66 @@ def _copy_figures(work: Path, figures: Path) -> None:
         work / "samples" / "samples.png",
         work / "eval" / "pca.png",
     ]
-    figures.mkdir(parents=True, exist_ok=True)
     for path in wanted:
         if path.exists():
+            figures.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, figures / f"{path.parent.name}_{path.name}")
+
+
+def _run_section(name: str, args: argparse.Namespace, work: Path, env: dict) -> str:
+    """One section in a process group of its own, so that at its limit everything it started stops with it."""
+    limit = SECTIONS[name] * (3 if args.dry_run else 1)
+    command = [sys.executable, __file__, "--only", name, "--section", name, "--work", str(work), "--out", str(args.out)]
+    command += ["--nb-iters", str(args.nb_iters)] + ["--dry-run"] * args.dry_run
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    ) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            stdout, stderr = run.communicate()
+            return f"stopped at its limit of {limit} s\n```\n{stderr[-3000:]}\n```\n\n{stdout.strip()}"
+    if run.returncode != 0:
+        return f"failed (exit {run.returncode}):\n```\n{stderr[-1500:]}\n```"
+    return stdout.strip()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="gpu_report.md", help="the Markdown report")
+    suite = parser.add_mutually_exclusive_group(required=True)
+    suite.add_argument("--course", action="store_true", help="the gpu course with --minutes 8 (10 minutes at most)")
+    suite.add_argument("--step", action="store_true", help="the 64^3 step: roofline and variants (3 minutes at most)")
+    suite.add_argument("--only", default=None, help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    parser.add_argument("--out", default="gpu_check", help="the folder of the report, figures and notebooks")
     parser.add_argument("--work", default=None, help="scratch folder (default: a fresh temporary one)")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes and the smoke profile, for the CPU")
-    parser.add_argument("--before", default=None, help="a folder holding an older commit's alphagan package")
-    parser.add_argument("--nb-iters", type=int, default=1000, help="notebook 03's iterations")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
-    parser.add_argument("--figures", default=None, help="copy the pictures worth looking at here")
+    parser.add_argument("--nb-iters", type=int, default=1000, help="notebook 03's iterations (section notebook)")
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one section
     args = parser.parse_args()
     if args.section:
         print(globals()[f"section_{args.section}"](args))
         return
 
-    import tempfile
-
+    sections = SUITES["course"] if args.course else SUITES["step"] if args.step else args.only.split(",")
+    unknown = [n for n in sections if n.strip() not in SECTIONS]
+    if unknown:
+        parser.error(f"--only: no section {unknown}; there are {', '.join(SECTIONS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-"))
     env = {**os.environ, "ALPHAGAN_CACHE": str(work / "cache"), "PYTHONPATH": os.pathsep.join(
         [str(ROOT), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
-    report = [f"# GPU check ({time.strftime('%Y-%m-%d %H:%M')})", ""]
-    for name in [n.strip() for n in args.only.split(",")]:
-        limit = SECTIONS[name] * (3 if args.dry_run else 1)
-        command = [sys.executable, __file__, "--section", name, "--work", str(work), "--nb-iters", str(args.nb_iters)]
-        command += ["--dry-run"] * args.dry_run + (["--before", args.before] if args.before else [])
+    title = "dry run on the CPU" if args.dry_run else "GPU check"
+    report = [f"# {title}: {', '.join(sections)} ({time.strftime('%Y-%m-%d %H:%M')})", ""]
+    for name in [n.strip() for n in sections]:
         start = time.perf_counter()
-        try:
-            run = subprocess.run(command, capture_output=True, text=True, timeout=limit, env=env)
-            body = (
-                run.stdout.strip()
-                if run.returncode == 0
-                else f"failed (exit {run.returncode}):\n```\n{run.stderr[-1500:]}\n```"
-            )
-        except subprocess.TimeoutExpired as exc:
-            body = f"stopped at its limit of {limit} s\n```\n{(exc.stderr or b'').decode()[-4000:]}\n```"
+        body = _run_section(name, args, work, env)
         report += [f"## {name} ({time.perf_counter() - start:.0f} s)", "", body, ""]
-        Path(args.out).write_text("\n".join(report))
+        (out / "report.md").write_text("\n".join(report))
         print(f"gpu_check: {name} done in {time.perf_counter() - start:.0f} s", flush=True)
-    if args.figures:
-        _copy_figures(work, Path(args.figures))
-    print(Path(args.out).read_text())
+    _copy_figures(work, out / "figures")
+    print((out / "report.md").read_text())
 
 
 if __name__ == "__main__":

@@ -51,11 +51,11 @@ def test_prepare_refuses_a_folder_holding_other_files_and_leaves_them_as_they_we
 
 def test_prepare_with_other_settings_needs_overwrite_and_keeps_the_cache_until_then(cache, cohort_dir, capsys):
     before = _snapshot(cache)
-    argv = ["prepare", "--src", str(cohort_dir), "--out", str(cache), "--size", "12"]
+    argv = ["prepare", "--src", str(cohort_dir), "--out", str(cache), "--size", "32"]
     _fails(capsys, argv, "other settings (size 16)", "--overwrite")
     assert _snapshot(cache) == before
     assert main([*argv, "--overwrite"]) == 0
-    assert np.load(cache / "volumes.npy", mmap_mode="r").shape[1:] == (12, 12, 12)
+    assert np.load(cache / "volumes.npy", mmap_mode="r").shape[1:] == (32, 32, 32)
 
 
 @pytest.mark.parametrize("where", ["same", "parent"])
@@ -511,3 +511,66 @@ def test_a_checkpoint_from_a_newer_version_names_the_settings_it_ignores(tmp_pat
     torch.save(state, tmp_path / "newer.pt")
     with pytest.warns(UserWarning, match="newer.pt: settings this version does not know, ignored: warp_drive"):
         assert "warp_drive" not in load_checkpoint(tmp_path / "newer.pt")["config"]
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def test_one_definition_of_a_size_for_prepare_and_train(tmp_path, cohort_dir, capsys):
+    out = tmp_path / "c"
+    rule = "must be a power of two from 16 to 256"
+    _fails(capsys, ["prepare", "--src", str(cohort_dir), "--out", str(out), "--size", "48"], "--size", "got 48", rule)
+    _fails(capsys, ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN, "--size", "48"], "--size", rule)
+    assert not out.exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [
+        (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
+        (["--lr", "inf"], "--lr must be a finite number above 0, got inf"),
+        (["--lr", "nan"], "--lr must be a finite number above 0"),
+        (["--lambda-rec", "-1000"], "--lambda-rec must be a finite number of at least 0"),
+        (["--seed", "-1"], "--seed must be a whole number from 0"),
+        (["--resume", "--overwrite"], "--resume continues the run"),
+        (["--resume", "--init", "elsewhere"], "--init starts another"),
+    ],
+)
+def test_settings_that_cannot_learn_and_flags_that_contradict_are_refused_by_name(tmp_path, capsys, flags, phrase):
+    _fails(capsys, ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN, *flags], phrase)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "argv", [["course", "--minutes", "inf"], ["sample", "--checkpoint", "c", "--out", "x", "--seed", "-1"]]
+)
+def test_numbers_are_checked_where_they_are_parsed(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert f"argument {argv[-2]}: must be" in capsys.readouterr().err
+
+
+def test_an_empty_selection_of_notebooks_is_refused_at_once(tmp_path, capsys):
+    _fails(capsys, ["course", "--profile", "smoke", "--only", "", "--out", str(tmp_path / "c")], "--only", "01,03")
+    assert not (tmp_path / "c").exists()
+
+
+def test_results_never_replaces_a_page_it_did_not_write(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.md").write_text("# Course run\n")
+    mine = tmp_path / "results.md"
+    mine.write_text("# my own results\n")
+    _fails(capsys, ["results", str(run), "--out", str(mine)], str(mine), "did not write", "another --out")
+    assert mine.read_text() == "# my own results\n"
+    assert main(["results", str(run), "--out", str(tmp_path / "page.md")]) == 0
+    assert main(["results", str(run), "--out", str(tmp_path / "page.md")]) == 0  # its own page: written again
+
+
+def test_a_cache_variable_pointing_to_a_file_is_named(tmp_path, capsys, monkeypatch):
+    (tmp_path / "notafolder").write_text("x")
+    monkeypatch.setenv("ALPHAGAN_CACHE", str(tmp_path / "notafolder"))
+    _fails(capsys, ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN], "ALPHAGAN_CACHE=", "unset it")
+
+
+def test_a_cache_of_another_size_advises_a_command_that_exists(tmp_path, cache, capsys):
+    err = _fails(capsys, ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *TRAIN, "--size", "32"], "16^3")
+    assert "prepare ... --size 32" in err and "pass --size" not in err

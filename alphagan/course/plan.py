@@ -8,11 +8,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from functools import partial
+
+import numpy as np
+import torch
 
 from alphagan import config
 from alphagan.config import make_config
 from alphagan.course.settings import course_settings
+from alphagan.data.dataset import Batches
+from alphagan.device import pick_device, pick_dtype
+from alphagan.models import build_networks
+from alphagan.steps import UPDATES, iteration, optimisers, update_steps
+from alphagan.train import GRAPH_WARMUP, Graphed, use_graphs
 
 
 @dataclass(frozen=True)
@@ -88,41 +95,31 @@ def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str
     return runs
 
 
-def seconds_per_iteration(
-    profile: str, model: str, latent: int, as_written: bool = False, warmup: int = 1, timed: int = 2
-) -> float:
+def seconds_per_iteration(profile: str, model: str, latent: int, as_written: bool = False) -> float:
     """Seconds of one training iteration of `model` at `profile`'s settings (`as_written`: without LEARNS) on this
-    machine, timed on random volumes with the iteration `train()` runs (`steps.iteration`), after `warmup` untimed
-    iterations."""
-    import numpy as np
-    import torch
-
-    from alphagan.data.dataset import Batches
-    from alphagan.models import build_networks
-    from alphagan.steps import UPDATES, iteration, optimisers, run_update
-    from alphagan.train import Graphed, pick_device, pick_dtype
-
+    machine, timed on random volumes with the updates `train()` runs (`steps.update_steps`, replayed as CUDA graphs
+    where `train()` replays them), after a warm-up that `train()` also pays once: cuDNN's autotuning and each
+    update's graph capture. On a GPU more iterations are timed, since one takes milliseconds."""
     cfg = make_config(profile, model, latent=latent)
     cfg = config.as_written(cfg) if as_written else cfg
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
-    nets = build_networks(model, cfg.size, cfg.width, latent, cfg.code_hidden, cfg.critic_norm)
-    nets = {k: v.to(device) for k, v in nets.items()}
+    nets = {k: v.to(device) for k, v in build_networks(model, cfg.size, cfg.width, latent, cfg.code_hidden).items()}
     volumes = np.random.default_rng(0).uniform(-1, 1, (2 * cfg.batch, *[cfg.size] * 3)).astype(np.float32)
     batches = Batches(volumes, device, torch.Generator(device=device).manual_seed(0))
-    updates = UPDATES[model]
-    opts, inputs = optimisers(nets, updates, cfg, fused=True), {}
-    autocast = partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
-    step = Graphed(
-        {u.name: partial(run_update, u, nets, opts[u.name], inputs, cfg, autocast=autocast) for u in updates}
-    )
-    synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    graphs = use_graphs(cfg, device, distributed=False, amp_dtype=dtype)
+    opts, inputs = optimisers(nets, UPDATES[model], cfg, fused=True, capturable=graphs), {}
+    step = Graphed(update_steps(nets, opts, inputs, cfg, dtype), graphs)
+    cuda = device.type == "cuda"
+    warmup, timed = (GRAPH_WARMUP + 2, 20) if cuda else (1, 2)
     for n in (warmup, timed):
-        synchronise()
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         for _ in range(n):
-            iteration(updates, step, inputs, batches, cfg)
-        synchronise()
+            iteration(UPDATES[model], step, inputs, batches, cfg, static=graphs)
+        if cuda:
+            torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / timed
 
 

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from alphagan.course.plan import Plan, plan_course
+from alphagan.device import choose_profile, machine
 from alphagan.folders import atomic, claim
 from alphagan.progress import SAVED_RUN
 
@@ -29,7 +30,7 @@ def notebooks(only: str | None = None, directory: Path = NOTEBOOK_DIR) -> list[P
     found = sorted(directory.glob("[0-9][0-9]_*.ipynb"))
     if not found:
         raise FileNotFoundError(f"no notebooks in {directory}: run the course from a clone of the repository")
-    if only:
+    if only is not None:
         wanted = {w.strip().zfill(2) for w in only.split(",") if w.strip()}
         unknown = wanted - {p.name[:2] for p in found}
         if unknown:
@@ -111,28 +112,15 @@ def _numbers(path: Path) -> list[str]:
     return [f"Numbers (`{path.name}`):", "", "| quantity | | value |", "|---|---|---|", *rows, ""]
 
 
-def machine() -> str:
-    """This machine in a few words: the CPU model and cores, the GPU if any, and the PyTorch version."""
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, PyTorch {torch.__version__}"
-
-
 def _copy_figure(run_dir: Path, files: Path, page_dir: Path, match: re.Match) -> str:
     """A figure link of a summary, its file copied under `files`, the link rewritten relative to the page."""
     target = files / match.group(2)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / match.group(2), target)
     return f"![{match.group(1)}]({target.relative_to(page_dir).as_posix()})"
+
+
+RESULTS_MARK = "<!-- written by"  # the first words of a page `results` wrote, and may write again
 
 
 def publish(run_dir: str | Path, out: str | Path) -> Path:
@@ -146,8 +134,12 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
     files = out.with_name(f"{out.stem}_files")
     text = summary.read_text()
 
+    if out.exists() and not out.read_text(errors="replace").startswith(RESULTS_MARK):
+        raise FileExistsError(
+            f"{out}: a file that `alphagan results` did not write; it is kept: give another --out, or move it away"
+        )
     body = re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", partial(_copy_figure, run_dir, files, out.parent), text)
-    head = f"<!-- written by `python -m alphagan results {run_dir} --out {out}`; edit the run, not this page -->\n\n"
+    head = f"{RESULTS_MARK} `python -m alphagan results {run_dir} --out {out}`; edit the run, not this page -->\n\n"
     with atomic(out) as tmp:
         tmp.write_text(head + body)
     return out
@@ -218,14 +210,12 @@ def run_course(
     `minutes`: the training budget the notebooks' iterations are scaled to (see `plan_course`). The run folder
     is claimed (`alphagan.folders.claim`): a later call with the same profile and budget adds or reruns
     notebooks there; other settings need `overwrite`."""
-    from alphagan.config import default_profile
-
-    profile = profile or default_profile()
+    profile, why = choose_profile(profile)
     selected = notebooks(only, notebook_dir)  # checked before anything is created
     run_dir = Path(out) if out else Path("runs") / f"course-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     writes = [name for nb in selected for name in (nb.name, nb.stem)] + ["summary.md"]
     settings = {"profile": profile, "minutes": minutes}
-    print(f"course: timing a few iterations of each model at profile {profile} on this machine", flush=True)
+    print(f"course: profile {profile} ({why}); timing a few iterations of each model on this machine", flush=True)
     plan = plan_course(profile, minutes, only=[nb.name[:2] for nb in selected])  # refused before anything is made
     budget = f" scaled to {minutes:g} training minutes" if minutes else ""
     print(f"course plan{budget}:\n{plan.table()}", flush=True)

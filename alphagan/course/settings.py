@@ -5,12 +5,16 @@ notebooks 04-06 skip training what an earlier notebook (or an earlier course run
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alphagan.checkpoint import list_checkpoints
 from alphagan.config import MODELS, Config
+from alphagan.device import pick_device, pick_dtype
 from alphagan.train import TrainResult, finished_run, stopped_run, train
 
 
@@ -55,10 +59,12 @@ COURSE: dict[str, dict[str, Any]] = {
         aug_generated=32, aug_test=40, aug_iters=200, aug_seeds=3, warm_start=True,
         min_iters=800,
     ),
+    # Sized for one short GPU lease (`course --minutes 8` within 10 minutes): every comparison of the course, 05 and
+    # 06 fine-tuning 03's model as at `cpu`, and cohorts a 16-core machine synthesises in seconds.
     "gpu": dict(
-        data_subjects=64, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=256, pairs=1000,
-        diseased_cohorts=COHORTS, diseased_iters=None, diseased_subjects=256, diseased_eval=128, aug_real=32,
-        aug_generated=128, aug_test=200, aug_iters=None, aug_seeds=5, warm_start=False, min_iters=1000,
+        data_subjects=64, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=128, pairs=500,
+        diseased_cohorts=COHORTS, diseased_iters=200, diseased_subjects=128, diseased_eval=64, aug_real=32,
+        aug_generated=128, aug_test=64, aug_iters=200, aug_seeds=5, warm_start=True, min_iters=1000,
     ),
     "paper": dict(
         data_subjects=64, eval_models=MODELS, latents=(100, 1000, 2048), n_eval=512, pairs=1000,
@@ -75,16 +81,14 @@ def course_settings(profile: str, **overrides: Any) -> Course:
     return Course(**{**COURSE[profile], **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def device_banner(profile: str, cfg: Config) -> str:
-    """One line saying where this runs and with which settings, for the top of a notebook."""
-    import os
-
-    import torch
-
+def device_banner(profile: str, cfg: Config, why: str = "as asked") -> str:
+    """One line saying where this runs, with which profile and why (`device.choose_profile`), and its settings,
+    for the top of a notebook."""
     where = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     return (
-        f"{where}: profile {profile}, {cfg.model}, {cfg.size}³ volumes, width {cfg.width}, latent {cfg.latent}, "
-        f"batch {cfg.batch}, {cfg.iters} iterations"
+        f"{where}: profile {profile} ({why}), {cfg.model}, {cfg.size}³ volumes, width {cfg.width}, "
+        f"latent {cfg.latent}, batch {cfg.batch}, {cfg.iters} iterations, "
+        f"{str(pick_dtype(cfg.precision, pick_device())).removeprefix('torch.')}"
     )
 
 

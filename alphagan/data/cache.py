@@ -125,7 +125,13 @@ def _check_intensities(path: Path, volumes: np.ndarray, manifest: list[dict], ch
 
 def cache_root() -> Path:
     """Where synthetic cohorts are cached: $ALPHAGAN_CACHE, else ~/.cache/alphagan."""
-    return Path(os.environ.get("ALPHAGAN_CACHE") or Path.home() / ".cache" / "alphagan")
+    given = os.environ.get("ALPHAGAN_CACHE")
+    root = Path(given or Path.home() / ".cache" / "alphagan")
+    if root.exists() and not root.is_dir():
+        where = f"ALPHAGAN_CACHE={given}" if given else str(root)
+        raise NotADirectoryError(f"{where} is a file, where synthetic cohorts are cached in a folder; point "
+                                 f"ALPHAGAN_CACHE to a folder, or unset it")  # fmt: skip
+    return root
 
 
 def _synthesis_version() -> str:

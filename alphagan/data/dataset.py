@@ -111,7 +111,7 @@ def load_training_volumes(
     if settings["size"] != size:
         raise ValueError(
             f"{source.cache}: the cache holds {settings['size']}^3 volumes but the run asks for {size}^3; "
-            f"prepare it again with --size {size} or pass --size {settings['size']}"
+            f"prepare a cache at that size (`python -m alphagan prepare ... --size {size}`)"
         )
     return volumes, _median_fov(manifest)
 

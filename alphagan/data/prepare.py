@@ -31,6 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from alphagan.config import check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
 from alphagan.folders import FolderRefused, end_with_parent, reserved_array
 
@@ -380,8 +381,10 @@ def prepare(
 ) -> PrepareResult:
     """Preprocess every input of `src` into the cache folder `out`; see the module docstring. `overwrite` replaces
     a cache prepared with other settings."""
-    if not isinstance(size, int) or not 8 <= size <= 512:
-        raise ValueError(f"--size must be a whole number from 8 to 512, got {size!r}")
+    try:
+        check("size", size)  # what `train` trains: one definition of a size for every command
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
     settings = Settings(size=size, stretch=stretch)
     out = Path(out)
     _check_out(src, out, settings, overwrite)

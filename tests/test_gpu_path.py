@@ -1,0 +1,68 @@
+"""The GPU path without a GPU: each update that `train()` captures as a CUDA graph stays on its device.
+
+A CUDA graph replays only work on the device. An update that copies from host memory (a constant tensor made on
+the CPU, a Python list turned into a tensor) fails at capture on a GPU ("Cannot copy between CPU and CUDA tensors
+during CUDA graph capture"), and one that reads a value back to the host (`.item()`, `bool(t)`) cannot be
+captured either. Here the networks, optimisers and inputs are moved, as `train()` moves them, to PyTorch's `meta`
+device, which computes shapes and no values: a value read there raises, and a dispatch mode raises on any operation
+that is given a tensor from anywhere else.
+"""
+
+import pytest
+import torch
+import torch.optim.optimizer as torch_optimizer
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from alphagan.config import MODELS, make_config
+from alphagan.models import build_networks
+from alphagan.steps import UPDATES, optimisers, update_steps
+from alphagan.train import FiniteWatch, use_graphs
+
+DEVICE = torch.device("meta")  # stands for the GPU
+
+
+class OnlyOnDevice(TorchDispatchMode):
+    """Raises when an operation is given a tensor that is not on `DEVICE`: a host copy or a host read."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.device != DEVICE:
+                raise AssertionError(f"{func} was given a {t.device} tensor of shape {tuple(t.shape)}")
+        return func(*args, **kwargs)
+
+
+def _steps_on_device(model: str):
+    """The updates of a `gpu`-profile run at smoke sizes, built as `train()` builds them (fused, capturable Adam:
+    the graphed optimiser; the NaN watch), with every network, optimiser, input and statistic on `DEVICE`."""
+    cfg = make_config("gpu", model, size=16, width=4, latent=16, code_hidden=32, batch=2)
+    assert use_graphs(cfg, torch.device("cuda", 0), distributed=False, amp_dtype=torch.bfloat16)
+    nets = {k: net.to(DEVICE) for k, net in build_networks(model, 16, 4, 16, 32).items()}
+    opts = optimisers(nets, UPDATES[model], cfg, fused=True, capturable=True)
+    shapes = {"x": (2, 1, 16, 16, 16), "z": (2, 16), "eps": (2, 16), "alpha": (2,), "alpha2": (2,)}
+    inputs = {k: torch.empty(shape, device=DEVICE) for k, shape in shapes.items()}
+    watch = FiniteWatch(DEVICE, sum(u.times(cfg) for u in UPDATES[model]), 0)
+    return update_steps(nets, opts, inputs, cfg, torch.float32, watch=watch)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_graphed_update_stays_on_the_device(model, monkeypatch):
+    # Fused Adam's kernel has a meta implementation; only the list of devices it may be asked for lacks `meta`.
+    supported = torch_optimizer._get_fused_kernels_supported_devices
+    monkeypatch.setattr(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: [*supported(), "meta"])
+    steps = _steps_on_device(model)
+    with OnlyOnDevice():
+        for _ in range(2):  # the second run also steps Adam from its state
+            for update in UPDATES[model]:
+                terms = steps[update.name]()
+                assert terms and all(t.device == DEVICE for t in terms.values()), update.name
+
+
+def test_the_check_sees_a_host_copy_and_a_host_read():
+    """The check itself fails on the two kinds of mistake: a host constant copied in, a value read out."""
+    x, host = torch.ones(3, device=DEVICE), torch.ones(3)
+    with OnlyOnDevice(), pytest.raises(AssertionError, match="cpu tensor"):
+        _ = x * host.to(x)
+    with OnlyOnDevice(), pytest.raises(RuntimeError, match="meta"):
+        float(x.sum())
