@@ -64,6 +64,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         stretch=args.stretch,
         workers=args.workers,
         overwrite=args.overwrite,
+        allow_generated=args.allow_generated,
     )
     rejected = f" (reasons in {result.out / 'rejected.tsv'})" if result.rejected else ""
     print(
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stretch", action="store_true", help="resize each axis to the cube (the authors' way)")
     p.add_argument("--workers", type=_positive, default=None, help="processes; default: one per core")
     p.add_argument("--overwrite", action="store_true", help="replace a cache prepared with other settings")
+    p.add_argument(
+        "--allow-generated", action="store_true", help="take volumes a model generated (refused: not training data)"
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")

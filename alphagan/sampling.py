@@ -23,7 +23,7 @@ from torch.optim.swa_utils import update_bn
 
 from alphagan.checkpoint import find_checkpoint, load_checkpoint
 from alphagan.config import Config
-from alphagan.data.space import DEFAULT_FOV_MM, cube_affine
+from alphagan.data.space import DEFAULT_FOV_MM, GENERATED_MARK, cube_affine
 from alphagan.device import pick_device
 from alphagan.folders import atomic, claim
 from alphagan.models import Generator
@@ -120,12 +120,14 @@ def write_samples(
 
 
 def save_nifti(volume, path: str | Path, fov_mm: float = DEFAULT_FOV_MM) -> Path:
-    """Save one (S, S, S) or (1, S, S, S) volume as NIfTI in the course's MNI-centred RAS space, atomically."""
+    """Save one (S, S, S) or (1, S, S, S) volume as NIfTI in the course's MNI-centred RAS space, atomically, its
+    header marked as generated (`GENERATED_MARK`)."""
     array = volume.detach().float().cpu().numpy() if hasattr(volume, "detach") else np.asarray(volume, np.float32)
     array = array.reshape(array.shape[-3:]).astype(np.float32)
     affine = cube_affine(array.shape[0], fov_mm)
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm")
+    img.header["descrip"] = GENERATED_MARK.encode()
     img.header.set_qform(affine, code=4)
     img.header.set_sform(affine, code=4)
     path = Path(path)

@@ -33,7 +33,8 @@ import numpy as np
 
 from alphagan.config import check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
-from alphagan.folders import FolderRefused, end_with_parent, reserved_array
+from alphagan.data.space import GENERATED_MARK
+from alphagan.folders import MANIFEST, FolderRefused, end_with_parent, reserved_array
 
 LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
@@ -48,7 +49,8 @@ class InputError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- finding files
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+    """A NIfTI or MGH file, not hidden (a writer's temporary file, `folders.atomic`'s, starts with a dot)."""
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
 
 
 def _stem(path: Path) -> str:
@@ -80,6 +82,52 @@ def detect_layout(root: Path) -> str:
 def _is_pattern(src: str) -> bool:
     """A glob pattern, unless a file or folder of that very name exists (`study[1]` is a folder, not a pattern)."""
     return glob.has_magic(src) and not Path(src).exists()
+
+
+def walk_files(root: Path) -> list[Path]:
+    """Every file under `root`, sorted, following symlinked folders but entering each real folder once: a link
+    back to a parent is never walked in a loop."""
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()
+        files += [Path(folder) / n for n in names]
+    return sorted(files)
+
+
+def _part_regex(part: str) -> str:
+    """One path component of a glob pattern as a regular expression: `*` and `?` never cross a `/`."""
+    out, i = [], 0
+    while i < len(part):
+        c, i = part[i], i + 1
+        close = part.find("]", i + 1) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif close > 0:
+            body = part[i:close]
+            body = body.replace("\\", "\\\\").replace("[", "\\[")
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = close + 1
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+def _pattern_files(src: str) -> list[Path]:
+    """The files a glob pattern names (`*`, `?`, `[...]` within a name; `**` across folders), found by
+    `walk_files` from the pattern's fixed start, so a pattern never walks a symlink loop either."""
+    parts = Path(src).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    regex = "".join("(?:[^/]+/)*" if part == "**" else _part_regex(part) + "/" for part in parts[fixed:])
+    pattern = re.compile(regex.removesuffix("/") + r"\Z", re.S)
+    return [p for p in walk_files(root) if pattern.match(p.relative_to(root).as_posix())] if root.is_dir() else []
 
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".7z", ".rar")
@@ -123,11 +171,7 @@ def find_inputs(src: str, layout: str = "auto", modality: str | None = None) -> 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if _is_pattern(src):
-        return [
-            Entry(str(Path(p)), _stem(Path(p)), -1)
-            for p in sorted(glob.glob(src, recursive=True))
-            if _is_image(Path(p))
-        ]
+        return [Entry(str(p), _stem(p), -1) for p in _pattern_files(src) if _is_image(p)]
     root = Path(src)
     if root.is_file():
         if not _is_image(root):
@@ -137,7 +181,7 @@ def find_inputs(src: str, layout: str = "auto", modality: str | None = None) -> 
         raise FileNotFoundError(f"{src}: no such file or folder")
     layout = detect_layout(root) if layout == "auto" else layout
     mod = (modality or "").lower()
-    files = sorted(p for p in root.rglob("*") if _is_image(p))
+    files = [p for p in walk_files(root) if _is_image(p)]
     if layout == "flat":
         return [Entry(str(p), _stem(p), -1) for p in files if mod in p.name.lower()]
     if layout == "adni":
@@ -195,6 +239,7 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
         raise InputError(f"not a 3-D volume (shape {shape})")
     if int(np.prod(img.shape, dtype=np.int64)) > MAX_VOXELS:
         raise InputError(f"its header says {img.shape} voxels, above the limit of {MAX_VOXELS:,} (512³)")
+    _check_affine(img)
     try:
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -202,10 +247,44 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
         raise InputError(
             f"image data cannot be read, the file may be truncated ({type(exc).__name__}: {exc})"
         ) from None
-    spacing = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    # The voxel sizes of the affine that the NIfTI rules choose (sform, else qform, else pixdim; nibabel's
+    # `affine`), which also decided the orientation: pixdim alone may disagree with it.
+    spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"invalid voxel sizes {spacing.tolist()}")
     return data, spacing
+
+
+def _check_affine(img) -> None:
+    """Refuse a header whose voxel-to-world affine cannot be trusted, with the reason."""
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(
+            "its affine (sform/qform) holds NaN or infinite values; fix the header (e.g. nibabel's set_sform) or "
+            "export the image again"
+        )
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError("its affine (sform/qform) is singular: the voxels have no size or orientation")
+
+
+def generated_reason(path: str | Path) -> str | None:
+    """Why `path` is a model's output rather than a scan, or None: its NIfTI header says so (`GENERATED_MARK`),
+    or its folder is one that `sample` or `train` wrote (`folders.MANIFEST`)."""
+    path = Path(path)
+    try:
+        descrip = nib.load(str(path)).header.get("descrip")
+        if descrip is not None and bytes(np.asarray(descrip).tobytes()).startswith(GENERATED_MARK.encode()):
+            return f"generated by a model (its header says {GENERATED_MARK!r})"
+    except Exception:  # unreadable files are reported by load_ras, with their reason
+        pass
+    for folder in (path.parent, path.parent.parent):
+        try:
+            command = json.loads((folder / MANIFEST).read_text()).get("command")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if command in ("sample", "train"):
+            return f"generated by a model (written by `alphagan {command}` into {folder})"
+    return None
 
 
 def check_volume(data: np.ndarray, spacing: np.ndarray) -> None:
@@ -222,6 +301,28 @@ def check_volume(data: np.ndarray, spacing: np.ndarray) -> None:
             f"too small to be a brain: the non-zero region measures "
             f"{' x '.join(f'{e:.0f}' for e in extent)} mm (at least {MIN_BRAIN_EXTENT_MM:.0f} mm per axis expected)"
         )
+
+
+NEGATIVE_FRACTION = 0.01  # more negative voxels than this: intensities not of a brain-masked scan (background 0)
+
+
+def check_intensities(data: np.ndarray) -> None:
+    """Refuse intensity conventions that the normalisation would get wrong: a volume already in [-1, 1] with a
+    negative background (prepared or generated), or z-scored or shifted intensities (clipping their negative
+    half at 0 would lose half the brain)."""
+    negative = np.count_nonzero(data < 0) / data.size
+    if negative <= NEGATIVE_FRACTION:
+        return
+    low, high = float(data.min()), float(data.max())
+    if low >= -1.001 and high <= 1.001:
+        raise InputError(
+            f"already in [-1, 1] with {negative:.0%} of its voxels negative: a prepared or generated volume, not a "
+            f"scan; give the original images"
+        )
+    raise InputError(
+        f"{negative:.0%} of its voxels are negative (down to {low:.3g}): z-scored or shifted intensities, with no "
+        f"zero background; give the images before intensity normalisation"
+    )
 
 
 def _foreground_extent_mm(data: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -279,7 +380,8 @@ def preprocess(path: str | Path, settings: Settings = Settings(), channel: int =
     """One file to one normalised `size`^3 cube, with what the manifest records about it."""
     data, spacing = load_ras(path, channel)
     check_volume(data, spacing)
-    np.maximum(data, 0.0, out=data)  # negative intensities are background-side noise in brain-masked MRI
+    check_intensities(data)
+    np.maximum(data, 0.0, out=data)  # a few slightly negative voxels: noise beside a zero background
     cube, fov_mm = to_cube(data, spacing, settings.size, settings.stretch)
     info = {
         "shape": "x".join(map(str, data.shape)),
@@ -289,8 +391,11 @@ def preprocess(path: str | Path, settings: Settings = Settings(), channel: int =
     return normalise(cube, settings.percentile), info
 
 
-def _work(args: tuple[Entry, Settings]) -> tuple[Entry, np.ndarray | None, str]:
-    entry, settings = args
+def _work(args: tuple[Entry, Settings, bool]) -> tuple[Entry, np.ndarray | None, str]:
+    entry, settings, allow_generated = args
+    generated = None if allow_generated else generated_reason(entry.source)
+    if generated:
+        return entry, None, f"{generated}; a model's output is not training data (--allow-generated to use it)"
     try:
         volume, info = preprocess(entry.source, settings, entry.channel)
     except InputError as exc:
@@ -378,15 +483,17 @@ def prepare(
     workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    allow_generated: bool = False,
 ) -> PrepareResult:
     """Preprocess every input of `src` into the cache folder `out`; see the module docstring. `overwrite` replaces
-    a cache prepared with other settings."""
+    a cache prepared with other settings; `allow_generated` takes volumes a model generated (refused otherwise).
+    An `out` that is a symbolic link is followed: the cache is written where it points, and the link is kept."""
     try:
         check("size", size)  # what `train` trains: one definition of a size for every command
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None
     settings = Settings(size=size, stretch=stretch)
-    out = Path(out)
+    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
     _check_out(src, out, settings, overwrite)
     entries = find_inputs(src, layout, modality)
     if not entries:
@@ -394,23 +501,53 @@ def prepare(
             f"{src}: no input images found (layout {layout!r}, modality {modality!r}): {why_no_inputs(src)}"
         )
     with _locked(out):
-        return _prepare_locked(entries, src, out, settings, workers, progress)
+        return _prepare_locked(entries, src, out, settings, workers, progress, allow_generated)
+
+
+def _once(entries: list[Entry]) -> tuple[list[Entry], list[tuple[str, str]]]:
+    """Each subject once: a file reached by two paths, or a byte-identical copy under another name, is reported
+    as a duplicate of the first and left out. Also computes each entry's SHA-256 (the manifest's)."""
+    kept, rejected = [], []
+    first: dict[tuple[str, int], str] = {}
+    for entry in entries:
+        try:
+            entry.source.encode("utf-8")
+        except UnicodeEncodeError:
+            name = entry.source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            rejected.append((name, "its name is not valid UTF-8; rename the file"))
+            continue
+        try:
+            entry.sha256 = sha256(entry.source)
+        except OSError:
+            entry.sha256 = ""  # unreadable: _work reports why
+        same = {"the same file as": (os.path.realpath(entry.source), entry.channel)}
+        same["the same bytes as"] = (entry.sha256, entry.channel)
+        for what, key in same.items():
+            if key[0] and key in first:
+                rejected.append((entry.source, f"{what} {first[key]}: one subject counted once"))
+                break
+        else:
+            first.update(dict.fromkeys(same.values(), entry.source))
+            kept.append(entry)
+    return kept, rejected
 
 
 def _prepare_locked(
-    entries: list[Entry], src: str, out: Path, settings: Settings, workers: int | None, progress: bool
+    entries: list[Entry],
+    src: str,
+    out: Path,
+    settings: Settings,
+    workers: int | None,
+    progress: bool,
+    allow_generated: bool = False,
 ) -> PrepareResult:
     from alphagan.progress import tqdm
 
+    entries, duplicates = _once(entries)
     previous = _read_previous(out, settings)
     todo, reused = [], []
     for index, entry in enumerate(entries):
-        try:
-            digest = sha256(entry.source)
-        except OSError:
-            digest = ""
-        entry.sha256 = digest  # computed once; the workers reuse it
-        key = (entry.source, entry.channel, digest)
+        key = (entry.source, entry.channel, entry.sha256)
         (reused if key in previous else todo).append((index, entry))
 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -419,13 +556,13 @@ def _prepare_locked(
         # Volumes are written as they arrive, into a scratch array in input order; never all held in memory.
         scratch = reserved_array(tmp / "scratch.npy", (len(entries),) + (settings.size,) * 3)
         ok = [False] * len(entries)
-        rejected: list[tuple[str, str]] = []
+        rejected: list[tuple[str, str]] = list(duplicates)
         for index, entry in reused:
             volume, row = previous[(entry.source, entry.channel, entry.sha256)]
             entry.shape, entry.spacing, entry.fov_mm = row["shape"], row["spacing"], float(row["fov_mm"])
             scratch[index], ok[index] = volume, True
         workers = workers or min(len(todo), os.cpu_count() or 1) or 1
-        jobs = [(entry, settings) for _, entry in todo]
+        jobs = [(entry, settings, allow_generated) for _, entry in todo]
         with (
             ProcessPoolExecutor(workers, initializer=end_with_parent)
             if workers > 1

@@ -13,6 +13,9 @@ import numpy as np
 
 # Centre of the ICBM152 2009a brain mask's bounding box, in MNI millimetres.
 MNI_BRAIN_CENTRE = np.array([0.0, -17.0, 5.0])
+# What `sample` and `train` write into the `descrip` field of a NIfTI header they save: a model's output, which
+# `prepare` refuses as training data unless asked (`--allow-generated`).
+GENERATED_MARK = "alphagan generated"
 # Edge of the cube that holds the whole MNI brain (its longest axis is 181 mm) with a small margin.
 DEFAULT_FOV_MM = 192.0
 
