@@ -21,6 +21,7 @@ import torch
 
 from alphagan.config import Config
 from alphagan.folders import atomic
+from alphagan.models import build_networks
 
 _NAME = re.compile(r"ckpt_(\d+)\.pt$")
 
@@ -64,9 +65,32 @@ def save_checkpoint(directory: str | Path, iteration: int, state: dict, keep: in
     return path
 
 
+def load_newest(directory: str | Path, map_location="cpu") -> tuple[Path, dict]:
+    """The newest checkpoint in `directory` that loads, and its path: a damaged newer one is skipped, saying so."""
+    found = list_checkpoints(directory)
+    if not found:
+        raise FileNotFoundError(f"{directory}: no checkpoint (ckpt_*.pt) in this folder")
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path, map_location=map_location)
+        except ValueError as exc:
+            warnings.warn(f"{exc}; using the newest older checkpoint that loads", stacklevel=2)
+    raise ValueError(f"{directory}: none of its {len(found)} checkpoints loads (reasons above)")
+
+
+def open_checkpoint(path: str | Path, map_location="cpu") -> tuple[Path, dict]:
+    """A checkpoint file, or a folder's newest checkpoint that loads (`load_newest`), with its state."""
+    if Path(path).is_dir():
+        return load_newest(path, map_location)
+    return find_checkpoint(path), load_checkpoint(path, map_location=map_location)
+
+
 def load_checkpoint(path: str | Path, iteration: int | None = None, map_location="cpu") -> dict:
-    """The state of a checkpoint (`find_checkpoint(path, iteration)`), read with `weights_only=True`: a file that
-    needs unpickling code is refused, as is one that is not an alphagan checkpoint."""
+    """The state of a checkpoint (`find_checkpoint(path, iteration)`; of a folder without `iteration`, the newest
+    that loads: `load_newest`), read with `weights_only=True`: a file that needs unpickling code is refused, as is
+    one that is not an alphagan checkpoint, or whose config does not describe its weights."""
+    if iteration is None and Path(path).is_dir():
+        return load_newest(path, map_location)[1]
     path = find_checkpoint(path, iteration)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -78,9 +102,39 @@ def load_checkpoint(path: str | Path, iteration: int | None = None, map_location
     missing = {"config", "iter", "nets"} - set(state) if isinstance(state, dict) else {"config"}
     if missing:
         raise ValueError(f"{path}: not an alphagan checkpoint (no {', '.join(sorted(missing))})")
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"{path}: not an alphagan checkpoint (its config is a {type(state['config']).__name__})")
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(state["config"]) - known)
     if unknown:  # a newer version's settings; one that shaped the networks shows when their weights load
         warnings.warn(f"{path}: settings this version does not know, ignored: {', '.join(unknown)}", stacklevel=2)
         state["config"] = {k: v for k, v in state["config"].items() if k in known}
+    _check_contents(path, state)
     return state
+
+
+def _check_contents(path: Path, state: dict) -> None:
+    """A checkpoint is data: its config must be valid and describe exactly the weights it holds, checked against
+    networks built on the `meta` device (shapes, no memory), so that a config asking for absurd sizes is refused
+    before anything is allocated."""
+    try:
+        cfg = Config.from_dict(state["config"]).validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: its config is not one alphagan trains ({exc}); the file is damaged") from None
+    if not isinstance(state["iter"], int) or state["iter"] < 0:
+        raise ValueError(f"{path}: its iteration is {state['iter']!r}, not a count; the file is damaged")
+    with torch.device("meta"):
+        nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
+    saved = state["nets"] if isinstance(state["nets"], dict) else {}
+    for name, net in nets.items():
+        weights = saved.get(name)
+        if not isinstance(weights, dict):
+            raise ValueError(f"{path}: no weights of network {name}, which a {cfg.model} has; the file is damaged")
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+        if found != expected:
+            wrong = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+            raise ValueError(
+                f"{path}: network {name}'s weights do not match its config ({cfg.model}, size {cfg.size}, width "
+                f"{cfg.width}, latent {cfg.latent}; first difference: {wrong[0]}); the file is damaged"
+            )

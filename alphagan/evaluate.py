@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from alphagan import anatomy, features, metrics
-from alphagan.checkpoint import find_checkpoint
+from alphagan.checkpoint import open_checkpoint
 from alphagan.config import Config
 from alphagan.data.cache import load_cache
 from alphagan.data.dataset import Source, load_training_volumes
@@ -129,7 +129,7 @@ def evaluate(
     source = Source.parse(real)  # a bad --real is named before any model is loaded
     if not source.synthetic:
         load_cache(source.cache)
-    files = tuple(str(find_checkpoint(c).resolve()) for c in checkpoints)
+    files = tuple(str(open_checkpoint(c)[0].resolve()) for c in checkpoints)  # a damaged newest is passed over
     ev = Evaluation(
         str(source), files, n, pairs, mmd_batch, mmd_repetitions, n_anatomy, contrast, feature_weights, seed
     )

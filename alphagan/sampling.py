@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from alphagan.checkpoint import find_checkpoint, load_checkpoint
+from alphagan.checkpoint import open_checkpoint
 from alphagan.config import Config
 from alphagan.data.space import DEFAULT_FOV_MM, GENERATED_MARK, cube_affine
 from alphagan.device import pick_device
@@ -65,7 +65,11 @@ def load_generator(
 ) -> tuple[nn.Module, Config, dict]:
     """The generator of a checkpoint (a file or a run's checkpoint folder), calibrated and ready for sampling,
     with the run's settings and the checkpoint's state. `seed` draws the calibration codes (default: the run's)."""
-    state = load_checkpoint(checkpoint)
+    return generator_of(open_checkpoint(checkpoint)[1], device, seed)
+
+
+def generator_of(state: dict, device: str = "cpu", seed: int | None = None) -> tuple[nn.Module, Config, dict]:
+    """`load_generator` of a checkpoint's state already loaded."""
     cfg = Config.from_dict(state["config"])
     G = Generator(cfg.size, cfg.width, cfg.latent)
     G.load_state_dict(state["nets"]["G"])
@@ -99,8 +103,9 @@ def write_samples(
     from alphagan.viz import cuts_grid, save_figure, use_headless_backend
 
     use_headless_backend()
-    path = find_checkpoint(checkpoint).resolve()
-    G, cfg, state = load_generator(path, str(pick_device(device)), seed=seed)
+    path, state = open_checkpoint(checkpoint)
+    path = path.resolve()
+    G, cfg, state = generator_of(state, str(pick_device(device)), seed=seed)
     names = [f"sample_{i:04d}.nii.gz" for i in range(n)]
     settings = {"checkpoint": str(path), "iteration": state["iter"], "n": n, "seed": seed}
     shown: list[torch.Tensor] = []

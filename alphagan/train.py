@@ -26,7 +26,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +37,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alphagan import metrics
-from alphagan.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from alphagan.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, load_newest, save_checkpoint
 from alphagan.config import Config
 from alphagan.data.dataset import Batches, Source, data_digest, load_training_volumes
 from alphagan.device import pick_device, pick_dtype
-from alphagan.folders import atomic, claim
+from alphagan.folders import FolderRefused, atomic, claim, owner_record
 from alphagan.losses import Terms
 from alphagan.models import build_networks
 from alphagan.sampling import calibrated_generator, generate, reconstruct, save_nifti
@@ -191,6 +190,18 @@ def _check_resume_data(out: Path, data: str) -> None:
         )
 
 
+def _check_something_to_resume(out: Path, resume: bool, overwrite: bool) -> None:
+    """A run stopped before its first checkpoint has nothing to continue: say so, and what does work."""
+    record = owner_record(out) if out.is_dir() else None
+    if record is None or record["command"] != "train" or list_checkpoints(out / "checkpoints") or overwrite:
+        return
+    if resume or (out / "config.json").exists():
+        raise FolderRefused(
+            f"{out}: holds a run that stopped before its first checkpoint, so there is nothing to resume; add "
+            f"--overwrite to start it again, or choose another --out"
+        )
+
+
 def _claim_run_folder(out: Path, cfg: Config, data: str, resume: bool, overwrite: bool, init: str | Path | None):
     """The run folder, locked for this run (`alphagan.folders.claim`): a new run needs a folder that is new, empty
     or, with `overwrite`, an earlier run's (only its files are deleted, never those `init` or `data` point into).
@@ -199,6 +210,7 @@ def _claim_run_folder(out: Path, cfg: Config, data: str, resume: bool, overwrite
         return contextlib.nullcontext()
     if resume:
         _check_resume_data(out, data)
+    _check_something_to_resume(out, resume, overwrite)
     keep = {"--init": init, "--data": Source.parse(data).cache}
     settings = {"model": cfg.model, "data": data}
     return claim(out, "train", settings, RUN_FILES, resume=resume, overwrite=overwrite, again=False, keep=keep)
@@ -294,16 +306,6 @@ def _wrap(nets: dict[str, nn.Module], cfg: Config, device: torch.device, world: 
     return wrapped
 
 
-def _newest_loadable(ckpt_dir: Path, device: torch.device) -> tuple[Path, dict]:
-    """The newest checkpoint that loads, to resume from: a damaged newer one is skipped with a warning."""
-    for path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            return path, load_checkpoint(path, map_location=device)
-        except ValueError as exc:
-            warnings.warn(f"{exc}; resuming from an older checkpoint", stacklevel=2)
-    raise FileNotFoundError(f"{ckpt_dir}: no loadable checkpoint (ckpt_*.pt) to resume from")
-
-
 def _restore(state: dict, run: Run, path: Path) -> int:
     """Load a checkpoint's networks, optimisers and random states into `run`; returns its iteration."""
     cfg = run.cfg
@@ -348,9 +350,18 @@ def _write_settings(run: Run, resume: bool, init: Path | None) -> None:
         tmp.write_text(json.dumps(settings, indent=2))
     log_path = run.out / "metrics.jsonl"
     if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["iter"] <= run.start]
+        kept = [line for line in log_path.read_text().splitlines() if _logged_iteration(line) <= run.start]
         with atomic(log_path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _logged_iteration(line: str) -> float:
+    """The iteration of one line of metrics.jsonl; infinite for a line cut short by a stop (a full disk, a kill),
+    which resuming then drops with the lines after its checkpoint."""
+    try:
+        return json.loads(line)["iter"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | None, progress: bool) -> Run:
@@ -386,7 +397,7 @@ def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | N
     )  # fmt: skip
     start_weights = None
     if resume:
-        path, state = _newest_loadable(run.ckpt_dir, device)
+        path, state = load_newest(run.ckpt_dir, map_location=device)
         run.start = _restore(state, run, path)
     elif init is not None:
         start_weights = _load_init(init, cfg, nets)
@@ -480,12 +491,21 @@ def _after_iteration(run: Run, done: int, terms: Terms) -> None:
         _checkpoint(run, done)
 
 
+def _sample_names(cfg: Config) -> list[str]:
+    return [f"sample_{i:04d}.nii.gz" for i in range(cfg.n_fixed)]
+
+
+def _final_samples_written(run: Run) -> bool:
+    """Whether the finished run's samples are all there (a run killed after its last checkpoint has none)."""
+    return all((run.out / "samples" / name).exists() for name in _sample_names(run.cfg))
+
+
 def _final_samples(run: Run) -> None:
     """A few NIfTI samples of the finished run."""
     cfg = run.cfg
     G = calibrated_generator(run.nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
-    for i, volume in enumerate(generate(G, cfg.n_fixed, cfg.latent, seed=cfg.seed + 2)):
-        save_nifti(volume, run.out / "samples" / f"sample_{i:04d}.nii.gz", run.fov_mm)
+    for name, volume in zip(_sample_names(cfg), generate(G, cfg.n_fixed, cfg.latent, seed=cfg.seed + 2)):
+        save_nifti(volume, run.out / "samples" / name, run.fov_mm)
 
 
 def train(
@@ -523,7 +543,7 @@ def train(
             if after_iteration is not None:
                 after_iteration(it + 1)
 
-        if run.master and run.start < cfg.iters:
+        if run.master and (run.start < cfg.iters or not _final_samples_written(run)):
             _final_samples(run)
     if run.distributed:
         dist.barrier()

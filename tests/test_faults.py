@@ -671,3 +671,81 @@ def test_a_writers_temporary_file_and_a_name_that_is_not_utf8_do_not_stop_the_re
     result = prepare(str(src), tmp_path / "cache", size=16, progress=False)
     assert result.written == 6 and len(result.rejected) == 1 and "not valid UTF-8" in result.rejected[0][1]
     assert "not valid UTF-8" in (tmp_path / "cache" / "rejected.tsv").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ interrupted work
+def test_a_run_killed_before_its_final_samples_writes_them_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    samples = sorted((run / "samples").glob("sample_*.nii.gz"))
+    assert samples
+    for path in samples:  # as if killed after the last checkpoint, before the samples
+        path.unlink()
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN, "--resume"]) == 0
+    assert sorted((run / "samples").glob("sample_*.nii.gz")) == samples
+
+
+def test_a_log_line_cut_short_by_a_stop_does_not_block_resume(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN, "--iters", "1"]) == 0
+    with open(run / "metrics.jsonl", "a") as log:
+        log.write('{"iter": 2, "loss_d"')  # a full disk stopped the write mid-line
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN, "--resume"]) == 0
+    iters = [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert iters == [1, 2]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_advises_what_works(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    shutil.rmtree(run / "checkpoints")  # as if killed before the first checkpoint
+    for flags in ([], ["--resume"]):
+        _fails(
+            capsys, ["train", "--data", "synth", "--out", str(run), *TRAIN, *flags], "nothing to resume", "--overwrite"
+        )
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN, "--overwrite"]) == 0
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints are data
+@pytest.mark.parametrize(
+    "damage, phrase",
+    [
+        (lambda s: s["nets"].pop("G"), "no weights of network G"),
+        (lambda s: s.update(config="alpha"), "its config is a str"),
+        (lambda s: s["config"].update(latent=8_000_000), "do not match its config"),
+        (lambda s: s["config"].update(size=48), "its config is not one alphagan trains"),
+        (lambda s: s.update(iter="ten"), "its iteration is 'ten'"),
+    ],
+)
+def test_a_checkpoint_whose_contents_are_wrong_is_refused_in_one_line(tmp_path, capsys, damage, phrase):
+    import torch
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    state = torch.load(list_checkpoints(run / "checkpoints")[-1], weights_only=True)
+    damage(state)
+    torch.save(state, tmp_path / "bad.pt")
+    _fails(capsys, ["sample", "--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "s")], "bad.pt", phrase)
+
+
+def test_the_newest_good_checkpoint_is_used_when_the_newest_is_damaged(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="using the newest older checkpoint"):
+        assert main(["sample", "--checkpoint", str(run / "checkpoints"), "--n", "2", "--out", str(tmp_path / "s")]) == 0
+
+
+def test_a_course_run_again_with_other_notebooks_keeps_the_earlier_ones_in_its_summary(tmp_path, monkeypatch):
+    import papermill
+
+    from alphagan.course import plan
+
+    monkeypatch.setattr(plan, "seconds_per_iteration", lambda profile, model, latent, as_written=False: 0.5)
+    monkeypatch.setattr(papermill, "execute_notebook", lambda src, dst, **kw: None)
+    for only in ("02", "01,03"):
+        assert main(["course", "--profile", "smoke", "--only", only, "--out", str(tmp_path / "c")]) == 0
+    summary = (tmp_path / "c" / "summary.md").read_text()
+    rows = [line.split(" | ")[0] for line in summary.splitlines() if line.startswith("| 0")]
+    assert rows == ["| 01_data.ipynb", "| 02_architecture.ipynb", "| 03_training.ipynb"]

@@ -17,7 +17,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from alphagan.course.plan import Plan, plan_course
+from alphagan.course.plan import plan_course
 from alphagan.device import choose_profile, machine
 from alphagan.folders import atomic, claim
 from alphagan.progress import SAVED_RUN
@@ -145,18 +145,35 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _summary(run_dir: Path, timings: list[tuple[str, float]], profile: str, plan: Plan) -> Path:
+TIMINGS = "timings.json"  # each notebook's minutes and iterations, over every call into one run folder
+
+
+def _record(run_dir: Path, done: dict[str, dict]) -> dict[str, dict]:
+    """The notebooks run into `run_dir` so far, this call's added: a later call with other notebooks keeps the
+    earlier ones in its summary."""
+    path = run_dir / TIMINGS
+    try:
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # cut short by a stop: those notebooks are listed again when they run again
+        earlier = {}
+    merged = dict(sorted({**earlier, **done}.items()))
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(merged, indent=2))
+    return merged
+
+
+def _summary(run_dir: Path, timings: dict[str, dict], profile: str) -> Path:
     """A page a learner can read after a run: each notebook's time, the training iterations it used, then per
     notebook its numbers, its tables (Table 1 before the latent-size table; the paper's table once) and its
     figures with captions."""
     lines = [f"# Course run, profile `{profile}`", "", f"Machine: {machine()}.", ""]
     lines.append("| notebook | minutes | training iterations per model |")
     lines.append("|---|---|---|")
-    for name, seconds in timings:
-        iters = plan.iters(name[:2])
-        lines.append(f"| {name} | {seconds / 60:.1f} | {'' if iters is None else iters} |")
+    for name, done in timings.items():
+        iters = done["iters"]
+        lines.append(f"| {name} | {done['seconds'] / 60:.1f} | {'' if iters is None else iters} |")
     paper_shown = False
-    for name, _ in timings:
+    for name in timings:
         stem = Path(name).stem
         folder = run_dir / stem
         lines += ["", f"## {stem}", ""]
@@ -213,7 +230,7 @@ def run_course(
     profile, why = choose_profile(profile)
     selected = notebooks(only, notebook_dir)  # checked before anything is created
     run_dir = Path(out) if out else Path("runs") / f"course-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
-    writes = [name for nb in selected for name in (nb.name, nb.stem)] + ["summary.md"]
+    writes = [name for nb in selected for name in (nb.name, nb.stem)] + ["summary.md", TIMINGS]
     settings = {"profile": profile, "minutes": minutes}
     print(f"course: profile {profile} ({why}); timing a few iterations of each model on this machine", flush=True)
     plan = plan_course(profile, minutes, only=[nb.name[:2] for nb in selected])  # refused before anything is made
@@ -223,7 +240,6 @@ def run_course(
         run_dir = owned.folder.resolve()
         os.environ[SAVED_RUN] = "1"  # the kernels inherit it: text progress bars and static figures, saved at the end
         print(f"course: profile {profile}, {len(selected)} notebooks, run folder {run_dir}", flush=True)
-        timings: list[tuple[str, float]] = []
         for i, notebook in enumerate(selected, 1):
             print(f"[{i}/{len(selected)}] {notebook.name}", flush=True)
             start = time.perf_counter()
@@ -237,8 +253,9 @@ def run_course(
                 print(f"course: {notebook.name} failed at {where}\n  executed notebook: {run_dir / notebook.name}",
                       file=sys.stderr)  # fmt: skip
                 return 1
-            timings.append((notebook.name, time.perf_counter() - start))
-            print(f"[{i}/{len(selected)}] {notebook.name} done in {timings[-1][1] / 60:.1f} min", flush=True)
-        summary = _summary(run_dir, timings, profile, plan)
+            seconds = time.perf_counter() - start
+            timings = _record(run_dir, {notebook.name: {"seconds": seconds, "iters": plan.iters(notebook.name[:2])}})
+            print(f"[{i}/{len(selected)}] {notebook.name} done in {seconds / 60:.1f} min", flush=True)
+        summary = _summary(run_dir, timings, profile)
     print(f"course: all {len(selected)} notebooks ran; summary: {summary}")
     return 0
