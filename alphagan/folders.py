@@ -85,10 +85,10 @@ def end_with_parent() -> None:
 
 
 def remove_abandoned(parent: Path, prefix: str) -> None:
-    """Delete the folders `PREFIXPID` in `parent` whose writing process no longer runs (killed, or its disk ran
+    """Delete the folders `PREFIX...-PID` in `parent` whose writing process no longer runs (killed, or its disk ran
     full): a `.partial` folder is never left behind for good."""
     for path in parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix) :]
+        pid = path.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _running(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 

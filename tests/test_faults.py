@@ -1,5 +1,6 @@
 """Bad input and faults: nothing of the user's is lost, and every mistake is one clear line, not a traceback."""
 
+import collections
 import fcntl
 import json
 import shutil
@@ -483,9 +484,11 @@ def test_sizes_that_cannot_fit_are_refused_saying_what_they_need(tmp_path, capsy
     with pytest.raises(SystemExit):
         main([*SYNTH[:3], "--size", "1000", "--out", str(tmp_path / "x")])
     assert "must be from 8 to 256" in capsys.readouterr().err
-    monkeypatch.setattr(evaluate, "_available_memory", lambda: 2**30)
-    with pytest.raises(MemoryError, match=r"--n 100000: .* need 3\.1 GiB of memory, 1\.0 GiB are available"):
+    monkeypatch.setattr(evaluate.psutil, "virtual_memory", lambda: collections.namedtuple("m", "available")(2**30))
+    # 2 x 100 000 x 16³ float32 volumes (3.05 GiB) and 140 bytes per 100 000² pair (1303.85 GiB)
+    with pytest.raises(MemoryError, match=r"--n 100000: .* need 1306\.9 GiB of memory, 1\.0 GiB are available"):
         evaluate._check_memory(100_000, 16)
+    evaluate._check_memory(1_000, 16)  # 31 MB and 140 MB
 
 
 def test_sample_streams_its_volumes_so_memory_stays_flat_in_n():
@@ -749,3 +752,25 @@ def test_a_course_run_again_with_other_notebooks_keeps_the_earlier_ones_in_its_s
     summary = (tmp_path / "c" / "summary.md").read_text()
     rows = [line.split(" | ")[0] for line in summary.splitlines() if line.startswith("| 0")]
     assert rows == ["| 01_data.ipynb", "| 02_architecture.ipynb", "| 03_training.ipynb"]
+
+
+def test_evaluate_skips_only_the_memorisation_check_when_the_training_cache_has_moved(tmp_path, cache, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(cache), "--out", str(run), *TRAIN]) == 0
+    cache.rename(tmp_path / "moved")
+    argv = ["evaluate", "--real", "synth", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "e")]
+    with pytest.warns(UserWarning, match="no longer there; the memorisation check is skipped"):
+        assert main([*argv, "--n", "8", "--pairs", "10", "--n-anatomy", "2"]) == 0
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert "memorisation" not in next(iter(results["models"].values()))
+
+
+def test_partial_cohorts_of_interrupted_runs_are_cleaned_by_the_next(tmp_path, monkeypatch):
+    from alphagan.data.cache import synthetic_cache
+
+    monkeypatch.setenv("ALPHAGAN_CACHE", str(tmp_path))
+    dead = 2**22 + 12345  # above Linux's largest process id: no such process
+    for name in (f".synth-normal-t1-16-n900-seed0-x.partial-{dead}", f".synth-tumor-t2-16-n50-seed0-x.partial-{dead}"):
+        (tmp_path / name).mkdir()
+    synthetic_cache(2, 16)
+    assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]

@@ -181,16 +181,17 @@ def synthetic_cache(
     if (folder / "settings.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(folder.parent, f".{folder.name}.partial-")
+    remove_abandoned(folder.parent, ".synth-")  # any cohort's, not only this one's
     tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    # Shown at once: reserving a large cohort's space and its first subject take seconds before the first update.
+    bar = tqdm(total=n, desc=f"synthetic cohort {kind} {contrast}", unit="subj", disable=not progress)
     try:
         volumes = reserved_array(tmp / "volumes.npy", (n, size, size, size))
         fovs = [0.0] * n
         jobs = [(i, seed, size, kind, contrast) for i in range(n)]
         workers = max(1, min(workers or os.cpu_count() or 1, n))
-        bar = tqdm(total=n, desc=f"synthetic cohort {kind} {contrast}", unit="subj", disable=not progress)
         # Subject 0 here first: it loads the template, which forked workers then inherit instead of reading it.
         first, pool = _synth_one(jobs[0]), None
         rest = map(_synth_one, jobs[1:])
@@ -218,5 +219,6 @@ def synthetic_cache(
             return folder
         raise
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
