@@ -15,7 +15,6 @@ import copy
 from collections.abc import Iterator
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
@@ -23,9 +22,9 @@ from torch.optim.swa_utils import update_bn
 
 from alphagan.checkpoint import open_checkpoint
 from alphagan.config import Config
-from alphagan.data.space import DEFAULT_FOV_MM, GENERATED_MARK, cube_affine
+from alphagan.data.space import DEFAULT_FOV_MM, GENERATED_MARK, cube_affine, write_nifti
 from alphagan.device import pick_device
-from alphagan.folders import atomic, claim
+from alphagan.folders import claim
 from alphagan.models import Generator
 
 
@@ -129,13 +128,4 @@ def save_nifti(volume, path: str | Path, fov_mm: float = DEFAULT_FOV_MM) -> Path
     header marked as generated (`GENERATED_MARK`)."""
     array = volume.detach().float().cpu().numpy() if hasattr(volume, "detach") else np.asarray(volume, np.float32)
     array = array.reshape(array.shape[-3:]).astype(np.float32)
-    affine = cube_affine(array.shape[0], fov_mm)
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.header["descrip"] = GENERATED_MARK.encode()
-    img.header.set_qform(affine, code=4)
-    img.header.set_sform(affine, code=4)
-    path = Path(path)
-    with atomic(path) as tmp:
-        nib.save(img, tmp)
-    return path
+    return write_nifti(array, cube_affine(array.shape[0], fov_mm), path, GENERATED_MARK)

@@ -389,7 +389,7 @@ def test_a_cohort_too_large_for_the_disk_is_refused_after_its_first_subject(tmp_
 def test_a_write_that_fails_stops_the_cohort_at_once(tmp_path, monkeypatch, capsys):
     from alphagan.data import synth
 
-    written, write = [], synth._write_nifti
+    written, write = [], synth.write_nifti
 
     def full(volume, affine, path):
         written.append(path)
@@ -397,7 +397,7 @@ def test_a_write_that_fails_stops_the_cohort_at_once(tmp_path, monkeypatch, caps
             raise OSError(28, "No space left on device")
         write(volume, affine, path)
 
-    monkeypatch.setattr(synth, "_write_nifti", full)
+    monkeypatch.setattr(synth, "write_nifti", full)
     _fails(capsys, ["synth", "--n", "200", "--size", "16", "--out", str(tmp_path / "c")], "No space left")
     assert len(written) <= 6  # not all 200 made first
 

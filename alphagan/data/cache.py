@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alphagan.data.space import normalise, to_cube
+from alphagan.data.synth import make_subject
 from alphagan.folders import end_with_parent, remove_abandoned, reserved_array
 
 CACHE_VERSION = 2  # 2: the manifest column cube_mm is called fov_mm, like everywhere else
@@ -138,7 +140,7 @@ def _synthesis_version() -> str:
     """A digest of the code that makes a subject, so that a cache made by other code is never reused."""
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("synth.py", "prepare.py", "cache.py"):
+    for name in ("synth.py", "space.py", "cache.py"):
         digest.update((here / name).read_bytes())
     return digest.hexdigest()[:12]
 
@@ -147,12 +149,6 @@ def _synth_one(args: tuple[int, int, int, str, str]) -> tuple[int, np.ndarray, f
     """Subject `index` preprocessed as `prepare` would do it: synthesised at twice the target resolution (at most
     the 128^3 grid of 1.5 mm voxels, close to the template's own detail), then trimmed, padded and resized like
     real data."""
-    from alphagan.data.prepare import (
-        normalise,  # prepare imports this module
-        to_cube,
-    )
-    from alphagan.data.synth import make_subject
-
     index, seed, size, kind, contrast = args
     subject = make_subject(index, seed=seed, size=min(2 * size, 128), kind=kind, contrast=contrast)
     cube, fov_mm = to_cube(subject.volume, np.abs(np.diag(subject.affine)[:3]), size)

@@ -33,7 +33,7 @@ import numpy as np
 
 from alphagan.config import check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
-from alphagan.data.space import GENERATED_MARK
+from alphagan.data.space import GENERATED_MARK, InputError, bounding_box, normalise, to_cube
 from alphagan.folders import MANIFEST, FolderRefused, end_with_parent, reserved_array
 
 LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")
@@ -41,10 +41,6 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
 DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
 MAX_VOXELS = 512**3  # a header promising more is refused before its data are read (1 mm brains: about 8 M voxels)
 MIN_BRAIN_EXTENT_MM = 50.0  # a brain is at least this long on every axis (adult brains: 140-180 mm)
-
-
-class InputError(ValueError):
-    """A file that cannot be used, with the plain reason."""
 
 
 # ---------------------------------------------------------------------------------------------- finding files
@@ -328,52 +324,6 @@ def check_intensities(data: np.ndarray) -> None:
 def _foreground_extent_mm(data: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     box = bounding_box(data)
     return np.array([(b.stop - b.start) * s for b, s in zip(box, spacing)])
-
-
-def bounding_box(data: np.ndarray) -> tuple[slice, slice, slice]:
-    """The smallest box that leaves out only all-zero planes."""
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nonzero = np.flatnonzero(np.any(data != 0, axis=other))
-        box.append(slice(int(nonzero[0]), int(nonzero[-1]) + 1))
-    return tuple(box)
-
-
-def to_cube(data: np.ndarray, spacing: np.ndarray, size: int, stretch: bool = False) -> tuple[np.ndarray, float]:
-    """Trim all-zero planes, then resize to `size`^3 keeping physical proportions (pad to a cube in mm).
-
-    Returns the cube and its field of view `fov_mm` (the cube's edge in mm). With `stretch`, each axis is resized
-    straight to `size`.
-    """
-    from skimage.transform import resize
-
-    trimmed = data[bounding_box(data)]
-    extent = np.array(trimmed.shape) * spacing
-    if stretch:
-        shape = (size, size, size)
-    else:
-        voxel = extent.max() / size
-        shape = tuple(int(min(size, max(1, round(e / voxel)))) for e in extent)
-    # order=1 with a Gaussian pre-filter where we shrink (anti-aliasing); a shrunken brain keeps a zero border.
-    resized = resize(
-        trimmed, shape, order=1, mode="constant", cval=0.0, anti_aliasing=True, preserve_range=True
-    ).astype(np.float32)
-    if stretch:
-        return resized, float(extent.max())
-    cube = np.zeros((size, size, size), dtype=np.float32)
-    start = [(size - n) // 2 for n in shape]
-    cube[tuple(slice(s, s + n) for s, n in zip(start, shape))] = resized
-    return cube, float(extent.max())
-
-
-def normalise(cube: np.ndarray, percentile: float = 99.5) -> np.ndarray:
-    """Map 0 (background) to -1 and the `percentile` of the brain's voxels to +1, clipping above."""
-    foreground = cube[cube > 0]
-    if foreground.size == 0:
-        raise InputError("no voxel above zero: intensities must be non-negative with a zero background")
-    top = float(np.percentile(foreground, percentile))
-    return (np.clip(cube / top, 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
 
 
 def preprocess(path: str | Path, settings: Settings = Settings(), channel: int = -1) -> tuple[np.ndarray, dict]:

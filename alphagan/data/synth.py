@@ -26,14 +26,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, voxel_ml
+from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, voxel_ml, write_nifti
 from alphagan.folders import DiskFull, atomic, claim
 
 KINDS = ("normal", "tumor", "stroke")
@@ -344,15 +343,6 @@ def subject_id(index: int, kind: str, contrast: str) -> str:
     return f"sub-{kind}{index:04d}_{contrast}"
 
 
-def _write_nifti(volume: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(volume, affine)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=4)  # 4: MNI152 space
-    img.header.set_sform(affine, code=4)
-    with atomic(path) as tmp:
-        nib.save(img, tmp)
-
-
 def _check_disk(first: Path, n: int) -> None:
     """Refuse, before it fills the disk, a cohort of `n` files each about as large as the `first`."""
     size = first.stat().st_size
@@ -404,7 +394,7 @@ def make_cohort(
         for index in tqdm(range(n), desc=f"synth {kind} {contrast}", disable=not progress, unit="subj"):
             subject = make_subject(index, seed=seed, size=size, kind=kind, contrast=contrast)
             path = owned.folder / f"{names[index]}.nii.gz"
-            pending.append(writer.submit(_write_nifti, subject.volume, subject.affine, path))
+            pending.append(writer.submit(write_nifti, subject.volume, subject.affine, path))
             rows.append({"subject": names[index], **subject.factors})
             if index == 0:  # the first file's size tells whether the whole cohort fits
                 pending.pop().result()
