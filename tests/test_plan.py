@@ -26,6 +26,7 @@ def test_the_plan_lists_every_training_run_the_notebooks_make():
 def half_a_second(monkeypatch):
     """Every iteration costs 0.5 s: the plan's arithmetic without timing anything."""
     monkeypatch.setattr(course_plan, "seconds_per_iteration", lambda profile, model, latent, as_written=False: 0.5)
+    monkeypatch.setattr(course_plan, "probe_seconds", lambda: 2.0)
 
 
 def test_minutes_scale_every_notebooks_iterations(half_a_second):
@@ -38,6 +39,17 @@ def test_minutes_scale_every_notebooks_iterations(half_a_second):
     assert scaled.iters("05") == int(200 * factor)
     assert sum(scaled.minutes(nb) for nb in scaled.runs) == pytest.approx(100, rel=0.01)
     assert scaled.parameters("03") == {"iters": int(1000 * factor), "compare_iters": int(1000 * factor)}
+
+
+def test_the_plan_predicts_whole_notebooks_where_their_other_work_was_measured(half_a_second, monkeypatch):
+    monkeypatch.setitem(course_plan.OTHER_WORK, "cpu", {"01": 3.0, "03": 10.0})
+    plan = course_plan.plan_course("cpu", only=["01", "02", "03"])
+    assert plan.predicted("01") == pytest.approx(3.0 * 2.0 / 60)  # no training: the probe's units only
+    assert plan.predicted("03") == pytest.approx(2 * 1000 * 0.5 / 60 + 10.0 * 2.0 / 60)
+    assert plan.predicted("02") is None  # never measured: training only, and the table says so
+    table = plan.table()
+    assert "| 02 | 0 |  | 0.0 | not measured at this profile |" in table
+    assert table.splitlines()[-1] == "| all | 2 | | 16.7 | not measured at this profile |"
 
 
 def test_below_the_floor_the_runner_refuses_and_says_how_many_minutes_would_do(half_a_second, capsys):

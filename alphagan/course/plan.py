@@ -6,6 +6,8 @@ below the profile's floor (`Course.min_iters`), where a model would not yet make
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -48,15 +50,22 @@ class TrainingRun:
 
 @dataclass
 class Plan:
-    """What the course will train, per notebook, and what an iteration of each kind costs on this machine."""
+    """What the course will train, per notebook, what an iteration of each kind costs on this machine, and what
+    each notebook's other work (cohorts, evaluation, figures, its kernel) is predicted to take here."""
 
     profile: str
     runs: dict[str, list[TrainingRun]]
     seconds: dict[tuple[str, int, bool], float] = field(default_factory=dict)  # TrainingRun.kind -> s per iteration
+    other: dict[str, float | None] = field(default_factory=dict)  # notebook -> seconds besides training; None: unknown
 
     def minutes(self, notebook: str) -> float:
-        """Training minutes of one notebook here (synthesis and evaluation come on top)."""
+        """Training minutes of one notebook here."""
         return sum(r.iters * self.seconds[r.kind] for r in self.runs.get(notebook, [])) / 60
+
+    def predicted(self, notebook: str) -> float | None:
+        """The whole notebook's minutes here, training and the rest; None where the rest was never measured."""
+        other = self.other.get(notebook)
+        return None if other is None else self.minutes(notebook) + other / 60
 
     def iters(self, notebook: str) -> int | None:
         """The iterations of a notebook's training runs (one number per notebook), None if it trains nothing."""
@@ -69,12 +78,52 @@ class Plan:
         return {} if iters is None else {"iters": iters, **({"compare_iters": iters} if notebook == "03" else {})}
 
     def table(self) -> str:
-        lines = ["| notebook | training runs | iterations each | training minutes here |", "|---|---:|---:|---:|"]
-        for notebook, runs in self.runs.items():
-            models = ", ".join(sorted({r.label for r in runs}))
-            lines.append(f"| {notebook} | {len(runs)} ({models}) | {runs[0].iters} | {self.minutes(notebook):.1f} |")
-        total = sum(self.minutes(n) for n in self.runs)
-        return "\n".join([*lines, f"| all | {sum(map(len, self.runs.values()))} | | {total:.1f} |"])
+        """The plan as a Markdown table: per notebook its training and its predicted minutes in all."""
+        head = "| notebook | training runs | iterations each | training minutes | predicted minutes in all |"
+        lines = [head, "|---|---:|---:|---:|---:|"]
+        for notebook in sorted({*self.runs, *self.other}):
+            runs = self.runs.get(notebook, [])
+            models = f" ({', '.join(sorted({r.label for r in runs}))})" if runs else ""
+            lines.append(
+                f"| {notebook} | {len(runs)}{models} | {self.iters(notebook) or ''} | {self.minutes(notebook):.1f} | "
+                f"{_shown(self.predicted(notebook))} |"
+            )
+        notebooks = sorted({*self.runs, *self.other})
+        predicted = [self.predicted(n) for n in notebooks]
+        total = None if None in predicted else sum(predicted)
+        training = sum(self.minutes(n) for n in notebooks)
+        runs = sum(map(len, self.runs.values()))
+        return "\n".join([*lines, f"| all | {runs} | | {training:.1f} | {_shown(total)} |"])
+
+
+def _shown(minutes: float | None) -> str:
+    return "not measured at this profile" if minutes is None else f"{minutes:.1f}"
+
+
+# What each notebook does besides training (making cohorts, preprocessing, evaluation, figures, starting its
+# kernel), in multiples of `probe_seconds()`, so that the plan predicts it on any machine from one probe.
+# Measured by `python bench/plan_accuracy.py` (bench/README.md); a notebook not listed was not measured at that
+# profile, and the plan predicts its training only.
+OTHER_WORK: dict[str, dict[str, float]] = {
+    # A fresh machine: the synthetic cohorts are made in the course (a second run reuses them and is quicker).
+    "smoke": {"01": 3.32, "02": 1.28, "03": 3.89, "04": 3.95, "05": 3.98, "06": 3.74},
+    "cpu": {"01": 5.31, "02": 1.44},
+}
+
+
+def probe_seconds() -> float:
+    """Seconds this machine takes for the kind of work every notebook does besides training, in small: a fresh
+    Python that imports what the notebooks import, filters a volume and saves a figure (about 3.5 s on the 2-core
+    Xeon that measured `OTHER_WORK`)."""
+    code = (
+        "import io, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt, nilearn.plotting; "
+        "import numpy as np, scipy.ndimage as nd; import alphagan.evaluate, alphagan.viz; "
+        "nd.gaussian_filter(np.random.default_rng(0).random((96, 96, 96)), 2); "
+        "fig = plt.figure(); plt.imshow(np.zeros((64, 64))); fig.savefig(io.BytesIO())"
+    )
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - start
 
 
 def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str, list[TrainingRun]]:
@@ -124,10 +173,15 @@ def seconds_per_iteration(profile: str, model: str, latent: int, as_written: boo
 
 
 def plan_course(profile: str, minutes: float | None = None, only: list[str] | None = None) -> Plan:
-    """Time each kind of training run of the course at `profile` here; with `minutes`, scale every notebook's
-    iterations so that training fits them. Raises ValueError when that falls below the profile's floor."""
-    runs = {nb: r for nb, r in training_runs(profile).items() if only is None or nb in only}
-    plan = Plan(profile, runs)
+    """Time each kind of training run of the course at `profile` here, and predict the rest of each notebook in
+    `only` (default: all six) from `probe_seconds`; with `minutes`, scale every notebook's iterations so that
+    training fits them. Raises ValueError when that falls below the profile's floor."""
+    notebooks = only or [f"{i:02d}" for i in range(1, 7)]
+    runs = {nb: r for nb, r in training_runs(profile).items() if nb in notebooks}
+    probe = probe_seconds()
+    units = OTHER_WORK.get(profile, {})
+    other = {nb: units[nb] * probe if nb in units else None for nb in notebooks}
+    plan = Plan(profile, runs, other=other)
     for kind in sorted({r.kind for rs in runs.values() for r in rs}):
         plan.seconds[kind] = seconds_per_iteration(profile, *kind)
     planned = sum(plan.minutes(nb) for nb in runs)
@@ -145,4 +199,4 @@ def plan_course(profile: str, minutes: float | None = None, only: list[str] | No
             f"--minutes {needed} or more, or a smaller profile"
         )
     scaled = training_runs(profile, iters)
-    return Plan(profile, {nb: scaled[nb] for nb in runs}, plan.seconds)
+    return Plan(profile, {nb: scaled[nb] for nb in runs}, plan.seconds, other)

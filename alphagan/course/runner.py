@@ -167,11 +167,12 @@ def _summary(run_dir: Path, timings: dict[str, dict], profile: str) -> Path:
     notebook its numbers, its tables (Table 1 before the latent-size table; the paper's table once) and its
     figures with captions."""
     lines = [f"# Course run, profile `{profile}`", "", f"Machine: {machine()}.", ""]
-    lines.append("| notebook | minutes | training iterations per model |")
-    lines.append("|---|---|---|")
+    lines.append("| notebook | minutes | training iterations per model | minutes the plan predicted |")
+    lines.append("|---|---|---|---|")
     for name, done in timings.items():
-        iters = done["iters"]
-        lines.append(f"| {name} | {done['seconds'] / 60:.1f} | {'' if iters is None else iters} |")
+        iters, predicted = done["iters"], done.get("predicted_minutes")
+        shown = "" if predicted is None else f"{predicted:.1f}"
+        lines.append(f"| {name} | {done['seconds'] / 60:.1f} | {'' if iters is None else iters} | {shown} |")
     paper_shown = False
     for name in timings:
         stem = Path(name).stem
@@ -254,7 +255,10 @@ def run_course(
                       file=sys.stderr)  # fmt: skip
                 return 1
             seconds = time.perf_counter() - start
-            timings = _record(run_dir, {notebook.name: {"seconds": seconds, "iters": plan.iters(notebook.name[:2])}})
+            number = notebook.name[:2]
+            done = {"seconds": seconds, "iters": plan.iters(number), "training_minutes": plan.minutes(number)}
+            done["predicted_minutes"] = plan.predicted(number)
+            timings = _record(run_dir, {notebook.name: done})
             print(f"[{i}/{len(selected)}] {notebook.name} done in {seconds / 60:.1f} min", flush=True)
         summary = _summary(run_dir, timings, profile)
     print(f"course: all {len(selected)} notebooks ran; summary: {summary}")
