@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import filelock
 import numpy as np
 
 MANIFEST = ".alphagan.json"
@@ -135,7 +135,7 @@ class Owned:
     command: str
     settings: dict[str, Any]
     writes: list[str] = field(default_factory=list)
-    lock: IO | None = None
+    lock: filelock.BaseFileLock | None = None
 
     def add(self, names: list[str]) -> None:
         """List `names` (entries of the folder) as this command's, before writing them."""
@@ -152,7 +152,7 @@ class Owned:
 
     def release(self) -> None:
         if self.lock is not None:
-            self.lock.close()  # closing the file drops the flock
+            self.lock.release()
             self.lock = None
 
     def __enter__(self) -> Owned:
@@ -180,13 +180,14 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
-def _lock(folder: Path) -> IO:
-    lock = open(folder / LOCK, "a")  # noqa: SIM115 (held until Owned.release)
+def take_lock(path: Path, busy: str, error: type[Exception] = FolderRefused) -> filelock.BaseFileLock:
+    """The one lock of the package: an exclusive `filelock` on `path`, taken at once or refused with `error(busy)`
+    (another process holds it); held until released, or until the process ends, killed or not."""
+    lock = filelock.FileLock(path, timeout=0)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise FolderRefused(f"{folder}: another command is writing here; wait for it to finish") from None
+        lock.acquire()
+    except filelock.Timeout:
+        raise error(busy) from None
     return lock
 
 
@@ -253,7 +254,7 @@ def claim(
     reason = _refusal(folder, command, record, settings, resume, again)
     if reason is not None and not (overwrite and record is not None and record["command"] == command):
         raise FolderRefused(f"{folder}: {reason}")
-    lock = _lock(folder)
+    lock = take_lock(folder / LOCK, f"{folder}: another command is writing here; wait for it to finish")
     try:
         remove_temporaries(folder)
         if overwrite and record is not None and not resume:
@@ -262,6 +263,6 @@ def claim(
         owned = Owned(folder, command, settings, earlier + [n for n in writes if n not in earlier], lock)
         owned.save()
     except BaseException:
-        lock.close()
+        lock.release()
         raise
     return owned

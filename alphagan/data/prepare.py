@@ -16,7 +16,6 @@ memory does not grow with the cohort.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import json
@@ -34,7 +33,7 @@ import numpy as np
 from alphagan.config import check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
 from alphagan.data.space import GENERATED_MARK, InputError, bounding_box, normalise, to_cube
-from alphagan.folders import MANIFEST, FolderRefused, end_with_parent, reserved_array
+from alphagan.folders import MANIFEST, FolderRefused, end_with_parent, reserved_array, take_lock
 
 LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
@@ -408,11 +407,9 @@ def _check_out(src: str, out: Path, settings: Settings, overwrite: bool) -> None
 def _locked(out: Path):
     """One `prepare` at a time per cache; temporary folders left by a killed run are cleaned or restored."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{out}: another prepare is writing this cache; wait for it to finish") from None
+    busy = f"{out}: another prepare is writing this cache; wait for it to finish"
+    lock = take_lock(out.with_name(f".{out.name}.lock"), busy, RuntimeError)
+    try:
         for old in out.parent.glob(f".{out.name}.old-*"):
             if out.exists():
                 shutil.rmtree(old, ignore_errors=True)
@@ -421,6 +418,8 @@ def _locked(out: Path):
         for partial in out.parent.glob(f".{out.name}.partial-*"):
             shutil.rmtree(partial, ignore_errors=True)
         yield
+    finally:
+        lock.release()
 
 
 def prepare(
