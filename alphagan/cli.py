@@ -78,7 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from alphagan.config import make_config
     from alphagan.data.dataset import Source
     from alphagan.device import choose_profile
-    from alphagan.train import TrainingDiverged, train
+    from alphagan.steps import TrainingDiverged
+    from alphagan.train import train
 
     if args.resume and (args.overwrite or args.init):
         other = "--overwrite" if args.overwrite else "--init"

@@ -1,16 +1,22 @@
-"""Where the work runs: the device, the autocast dtype, the profile that suits this machine, and its description.
+"""Where the work runs: the device, the autocast dtype, the processes (one, or one per GPU under torchrun), how an
+update is replayed on a GPU (`Graphed`), the profile that suits this machine, and its description.
 
 Every caller asks this module: training, sampling, evaluation, the course's plan and the notebooks' banners.
-Taught in notebook 03 (the device and the dtype) and opened by every notebook (`choose_profile`).
+Taught in notebook 03 (the device, the dtype and CUDA graphs) and opened by every notebook (`choose_profile`).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from alphagan.config import Config
+from alphagan.losses import Terms
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -42,6 +48,64 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
         else:
             precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def processes(name: str = "auto") -> tuple[torch.device, int, int]:
+    """Device (`pick_device(name)`), rank and world size: one process, or one per GPU under torchrun (DDP); on a
+    GPU, cuDNN picks its fastest kernels for the fixed shapes, and float32 products use TF32."""
+    device = pick_device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+GRAPH_WARMUP = 3  # eager runs of each update before its capture (cuDNN autotuning, Adam's state)
+
+
+class Graphed:
+    """Runs each update eagerly, or with `graphs` `GRAPH_WARMUP` times eagerly on a side stream, then captured
+    once as a CUDA graph and replayed. Replaying launches the update's hundreds of kernels in one call; the
+    inputs are read from the same tensors every time, which `draw(..., static=True)` refills."""
+
+    def __init__(self, steps: dict[str, Callable[[], Terms]], graphs: bool = False):
+        self.steps, self.graphs = steps, graphs
+        self.calls = dict.fromkeys(steps, 0)
+        self.captured: dict[str, tuple[torch.cuda.CUDAGraph, Terms]] = {}
+
+    def __call__(self, update) -> Terms:
+        """Run `update` (a `steps.Update`): eagerly, or its graph."""
+        name = update.name
+        if not self.graphs:
+            return self.steps[name]()
+        if name not in self.captured and self.calls[name] < GRAPH_WARMUP:
+            self.calls[name] += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                terms = self.steps[name]()
+            torch.cuda.current_stream().wait_stream(side)
+            return terms
+        if name not in self.captured:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                terms = self.steps[name]()
+            self.captured[name] = (graph, terms)
+        graph, terms = self.captured[name]
+        graph.replay()
+        return terms
+
+
+def use_graphs(cfg: Config, device: torch.device, distributed: bool, amp_dtype: torch.dtype) -> bool:
+    """CUDA graphs where they are safe: one CUDA process, no compile, no fp16 loss scaling (host-side state)."""
+    single_cuda = device.type == "cuda" and not distributed
+    return cfg.cuda_graphs and single_cuda and not cfg.compile and amp_dtype != torch.float16
 
 
 def choose_profile(profile: str | None = None) -> tuple[str, str]:

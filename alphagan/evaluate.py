@@ -27,6 +27,7 @@ from alphagan.data.dataset import Source, load_training_volumes
 from alphagan.data.space import cube_affine
 from alphagan.device import pick_device
 from alphagan.folders import atomic, claim
+from alphagan.runs import run_of, saved_config
 from alphagan.sampling import generate, load_generator
 
 HELD_OUT_SEED_OFFSET = 10_000  # synthetic held-out subjects: a cohort seed no training run uses by default
@@ -36,10 +37,7 @@ QUANTITIES = ("brain_ml", "gm_ml", "wm_ml", "csf_ml")
 def _run_data(checkpoint: str | Path) -> str | None:
     """The `data` a checkpoint's run trained on, from the run folder's config.json; None when unknown, or when
     that cache has since moved or been deleted (the memorisation check, which alone needs it, is then skipped)."""
-    path = Path(checkpoint)
-    run = path.parent if path.is_dir() else path.parent.parent
-    config = run / "config.json"
-    data = json.loads(config.read_text()).get("data") if config.exists() else None
+    data = saved_config(run_of(checkpoint)).get("data")
     if data is not None and not Source.parse(data).synthetic and not Path(data).is_dir():
         warnings.warn(
             f"{checkpoint}: its training cache {data} is no longer there; the memorisation check is skipped for it "

@@ -8,15 +8,18 @@ discriminator, which draws no volumes, scores codes of the real batch the image 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from alphagan import losses
+from alphagan.checkpoint import list_checkpoints
 from alphagan.config import Config
 from alphagan.data.dataset import Batches
 
@@ -211,3 +214,48 @@ def iteration(
             draw(update.draws, inputs, batches, cfg, static=static)
             terms.update(step(update))
     return terms
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN or infinite."""
+
+
+class FiniteWatch:
+    """Notices a non-finite loss term on the device, without stopping the host; `check` reads it (a sync).
+
+    Called after each update with its terms, it records on the device the index of the first update whose terms
+    were not all finite and those terms' values, so the message can name the term and the iteration even when it
+    is read many steps later."""
+
+    def __init__(self, device: torch.device, updates_per_iteration: int, start: int):
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.snapshots: dict[str, tuple[list[str], torch.Tensor]] = {}
+        self.per_iteration, self.start = updates_per_iteration, start
+
+    def __call__(self, name: str, terms: losses.Terms) -> None:
+        values = torch.stack([t.detach().float() for t in terms.values()])
+        fresh = (self.first < 0) & ~torch.isfinite(values).all()
+        self.first.copy_(torch.where(fresh, self.count, self.first))
+        if name not in self.snapshots:
+            self.snapshots[name] = (list(terms), torch.zeros_like(values))
+        snapshot = self.snapshots[name][1]
+        snapshot.copy_(torch.where(fresh, values, snapshot))
+        self.count += 1
+
+    def check(self, ckpt_dir: Path) -> None:
+        first = int(self.first)
+        if first < 0:
+            return
+        last_checkpoint = (list_checkpoints(ckpt_dir) or [None])[-1]
+        bad = [
+            f"{k} = {v}"
+            for keys, values in self.snapshots.values()
+            for k, v in zip(keys, values.tolist())
+            if not math.isfinite(v)
+        ]
+        where = f"the last checkpoint, {last_checkpoint.name}, is intact" if last_checkpoint else "no checkpoint yet"
+        raise TrainingDiverged(
+            f"{', '.join(bad)} at iteration {self.start + first // self.per_iteration + 1}; the run stopped "
+            f"before writing another checkpoint and {where} (lower the learning rate or try --precision fp32)"
+        )

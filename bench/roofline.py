@@ -31,10 +31,9 @@ from torch.utils.flop_counter import flop_registry
 from alphagan import losses
 from alphagan.config import MODELS, make_config
 from alphagan.data.dataset import Batches
-from alphagan.device import machine, pick_device, pick_dtype
+from alphagan.device import GRAPH_WARMUP, Graphed, machine, pick_device, pick_dtype, use_graphs
 from alphagan.models import build_networks
 from alphagan.steps import UPDATES, iteration, optimisers, update_steps
-from alphagan.train import GRAPH_WARMUP, Graphed, use_graphs
 
 # Operator (CPU) or kernel (GPU) names, first match wins. cuDNN names its input-gradient kernels dgrad and its
 # weight-gradient kernels wgrad; on a CPU oneDNN computes both in one convolution_backward.

@@ -15,9 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from alphagan.config import MODELS, make_config
+from alphagan.device import use_graphs
 from alphagan.models import build_networks
-from alphagan.steps import UPDATES, optimisers, update_steps
-from alphagan.train import FiniteWatch, use_graphs
+from alphagan.steps import UPDATES, FiniteWatch, optimisers, update_steps
 
 DEVICE = torch.device("meta")  # stands for the GPU
 

@@ -16,8 +16,8 @@ from alphagan.data.prepare import normalise, to_cube
 from alphagan.data.synth import make_subject
 from alphagan.device import choose_profile, pick_dtype
 from alphagan.models import build_networks
-from alphagan.steps import UPDATES, draw, optimisers, run_update
-from alphagan.train import TrainingDiverged, train
+from alphagan.steps import UPDATES, TrainingDiverged, draw, optimisers, run_update
+from alphagan.train import train
 
 SMOKE = dict(iters=4, ckpt_every=2, sample_every=2, log_every=1, device="cpu")
 

@@ -19,7 +19,8 @@ from alphagan.cli import main
 from alphagan.config import MODELS, make_config
 from alphagan.models import Generator
 from alphagan.sampling import calibrated_generator, generate
-from alphagan.train import TrainingDiverged, train
+from alphagan.steps import TrainingDiverged
+from alphagan.train import train
 
 SMOKE = dict(iters=4, ckpt_every=2, sample_every=2, log_every=1, device="cpu")
 

@@ -18,10 +18,9 @@ from alphagan import config
 from alphagan.config import make_config
 from alphagan.course.settings import course_settings
 from alphagan.data.dataset import Batches
-from alphagan.device import pick_device, pick_dtype
+from alphagan.device import GRAPH_WARMUP, Graphed, pick_device, pick_dtype, use_graphs
 from alphagan.models import build_networks
 from alphagan.steps import UPDATES, iteration, optimisers, update_steps
-from alphagan.train import GRAPH_WARMUP, Graphed, use_graphs
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import torch
 from alphagan.checkpoint import list_checkpoints
 from alphagan.config import MODELS, Config
 from alphagan.device import pick_device, pick_dtype
-from alphagan.train import TrainResult, finished_run, stopped_run, train
+from alphagan.runs import TrainResult, checkpoints_of, finished_run, stopped_run
+from alphagan.train import train
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,8 @@ def notebook_03_run(run_dir: str | Path) -> Path:
 
 
 def notebook_03_model(run_dir: str | Path) -> Path:
-    """The checkpoint folder of notebook 03's model, which notebooks 05 and 06 start from at the `cpu` profile."""
-    folder = notebook_03_run(run_dir) / "checkpoints"
+    """The checkpoint folder of notebook 03's model, which notebooks 05 and 06 start from (`Course.warm_start`)."""
+    folder = checkpoints_of(notebook_03_run(run_dir))
     if not list_checkpoints(folder):
         raise FileNotFoundError(
             f"{folder}: no checkpoint of notebook 03; run notebook 03 first, or set warm_start = False (then raise "

@@ -1,0 +1,250 @@
+"""A training run's folder, and everything about it that outlives the process: where its checkpoints, log and
+samples are, its config.json (settings, data and its digest, the starting checkpoint), the claim that makes the
+folder this run's, what resuming it requires, and whether it finished or stopped. Every caller asks this module
+(the loop in `train.py`, the course's reuse of finished runs, `evaluate`'s memorisation check).
+
+Taught in notebook 03 (stopping and resuming).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alphagan.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint
+from alphagan.config import Config
+from alphagan.data.dataset import Batches, Source, data_digest
+from alphagan.device import pick_device
+from alphagan.folders import FolderRefused, atomic, claim, owner_record
+from alphagan.models import build_networks
+
+CONFIG, LOG, CHECKPOINTS, SAMPLES = "config.json", "metrics.jsonl", "checkpoints", "samples"
+RUN_FILES = [CONFIG, LOG, CHECKPOINTS, SAMPLES]
+
+
+def checkpoints_of(out: str | Path) -> Path:
+    """The checkpoint folder of the run in `out`."""
+    return Path(out) / CHECKPOINTS
+
+
+def run_of(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint (a ckpt_*.pt file or a run's checkpoint folder) belongs to."""
+    path = Path(checkpoint)
+    return path.parent if path.is_dir() else path.parent.parent
+
+
+def saved_config(out: str | Path) -> dict:
+    """The run's config.json as a dict; empty where there is none yet."""
+    path = Path(out) / CONFIG
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# Settings that must not change when a run is resumed (iterations, logging and device may).
+RUN_DEFINING = (
+    "model",
+    "size",
+    "width",
+    "latent",
+    "code_hidden",
+    "batch",
+    "lr",
+    "betas",
+    "lambda_gp",
+    "lambda_rec",
+    "critic_norm",
+    "beta_kl",
+    "g_steps",
+    "d_steps",
+    "n_subjects",
+    "flip",
+    "intensity",
+    "seed",
+    "precision",
+)
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves: its folder, the trained networks (plain modules, on their device) and settings."""
+
+    out: Path
+    nets: dict[str, nn.Module]
+    config: Config
+    fov_mm: float
+
+
+def _check_resume_data(out: Path, data: str) -> None:
+    """A resumed run continues on the data it was trained on: the same source, and for a cache the same contents
+    (the digest of its manifest), not a cache prepared again under the same name."""
+    config, saved = out / CONFIG, saved_config(out)
+    if saved.get("data") not in (None, data):
+        raise ValueError(
+            f"{config}: this run trained on {saved['data']}, not {data}; resume with --data {saved['data']}"
+        )
+    if saved.get("data_digest") not in (None, data_digest(data)):
+        raise ValueError(
+            f"{data}: prepared again since this run started (its manifest.tsv differs from the one {config} "
+            f"records); resume on the cache it trained on, or train into a new --out"
+        )
+
+
+def _check_something_to_resume(out: Path, resume: bool, overwrite: bool) -> None:
+    """A run stopped before its first checkpoint has nothing to continue: say so, and what does work."""
+    record = owner_record(out) if out.is_dir() else None
+    if record is None or record["command"] != "train" or list_checkpoints(checkpoints_of(out)) or overwrite:
+        return
+    if resume or (out / CONFIG).exists():
+        raise FolderRefused(
+            f"{out}: holds a run that stopped before its first checkpoint, so there is nothing to resume; add "
+            f"--overwrite to start it again, or choose another --out"
+        )
+
+
+def claim_run(out: Path, cfg: Config, data: str, resume: bool, overwrite: bool, init: str | Path | None):
+    """The run folder, locked for this run (`alphagan.folders.claim`): a new run needs a folder that is new, empty
+    or, with `overwrite`, an earlier run's (only its files are deleted, never those `init` or `data` point into).
+    Rank 0 holds it for all processes of a DDP run."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return contextlib.nullcontext()
+    if resume:
+        _check_resume_data(out, data)
+    _check_something_to_resume(out, resume, overwrite)
+    keep = {"--init": init, "--data": Source.parse(data).cache}
+    settings = {"model": cfg.model, "data": data}
+    return claim(out, "train", settings, RUN_FILES, resume=resume, overwrite=overwrite, again=False, keep=keep)
+
+
+NETWORK_DEFINING = ("model", "size", "width", "latent", "code_hidden", "critic_norm")
+
+
+def init_of(run: Path) -> str | None:
+    """The checkpoint a run's networks started from (`train(init=...)`), as its config.json records it."""
+    return saved_config(run).get("init")
+
+
+def differing(saved: Config, cfg: Config, keys: tuple[str, ...]) -> list[str]:
+    """The settings among `keys` in which a checkpoint's config differs from this run's."""
+    return [k for k in keys if getattr(saved, k) != getattr(cfg, k)]
+
+
+def load_init(init: str | Path, cfg: Config, nets) -> Path:
+    """Load the network weights of checkpoint `init` (a file or a folder: its newest) into `nets`; returns the
+    checkpoint's absolute path. Its networks must have the shapes of `cfg`'s."""
+    path = find_checkpoint(init).resolve()
+    state = load_checkpoint(path)
+    saved = Config.from_dict(state["config"])
+    changed = [f"{k} {getattr(saved, k)} != {getattr(cfg, k)}" for k in differing(saved, cfg, NETWORK_DEFINING)]
+    if changed:
+        raise ValueError(f"{path}: its networks differ from this run's ({', '.join(changed)}); cannot start from it")
+    for k, net in nets.items():
+        net.load_state_dict(state["nets"][k])
+    return path
+
+
+def restore(
+    state: dict, path: Path, cfg: Config, nets: dict[str, nn.Module], opts: dict, batches: Batches, rank: int
+) -> int:
+    """Load a checkpoint's networks, optimisers and random states (this rank's) to continue `cfg`; returns its
+    iteration. Refused when the checkpoint was saved with other run-defining settings."""
+    saved = Config.from_dict(state["config"])
+    changed = differing(saved, cfg, RUN_DEFINING)
+    if changed:
+        raise ValueError(
+            f"{path}: saved with different {', '.join(changed)} "
+            f"({', '.join(f'{getattr(saved, k)} != {getattr(cfg, k)}' for k in changed)}); resume with the "
+            f"run's own settings (its config.json) or train into a new --out"
+        )
+    if state["iter"] > cfg.iters:
+        raise ValueError(f"{path}: the run is at iteration {state['iter']}, beyond --iters {cfg.iters}")
+    for k, net in nets.items():
+        net.load_state_dict(state["nets"][k])
+    for k, opt in opts.items():
+        opt.load_state_dict(state["optimisers"][k])
+    rng = state["rng"][rank]
+    try:
+        batches.set_state(rng)
+    except (RuntimeError, KeyError) as exc:  # saved on another kind of device: the draws cannot continue exactly
+        raise ValueError(f"{path}: its random state is for another device; resume on the device that saved it") from exc
+    torch.set_rng_state(rng["torch"])
+    device = batches.device
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return int(state["iter"])
+
+
+def write_settings(
+    out: Path, cfg: Config, data: str, fov_mm: float, start: int, resume: bool, init: Path | None
+) -> None:
+    """config.json (with the data and the starting checkpoint); on resume, the log cut back to the checkpoint."""
+    started = str(init) if init is not None else init_of(out) if resume else None
+    settings = {**cfg.to_dict(), "data": data, "data_digest": data_digest(data), "fov_mm": fov_mm}
+    settings.update({"init": started} if started else {})
+    with atomic(out / CONFIG) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2))
+    log_path = out / LOG
+    if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
+        kept = [line for line in log_path.read_text().splitlines() if _logged_iteration(line) <= start]
+        with atomic(log_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _logged_iteration(line: str) -> float:
+    """The iteration of one line of metrics.jsonl; infinite for a line cut short by a stop (a full disk, a kill),
+    which resuming then drops with the lines after its checkpoint."""
+    try:
+        return json.loads(line)["iter"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def append_log(out: Path, record: dict) -> None:
+    """One line of the run's metrics.jsonl."""
+    with open(out / LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def sample_names(cfg: Config) -> list[str]:
+    """The NIfTI samples a finished run leaves in its samples folder."""
+    return [f"sample_{i:04d}.nii.gz" for i in range(cfg.n_fixed)]
+
+
+def final_samples_written(out: Path, cfg: Config) -> bool:
+    """Whether the finished run's samples are all there (a run killed after its last checkpoint has none)."""
+    return all((out / SAMPLES / name).exists() for name in sample_names(cfg))
+
+
+def finished_run(folder: str | Path, cfg: Config, data: str, init: str | Path | None = None) -> TrainResult | None:
+    """The run in `folder`, loaded, if it finished `cfg` on `data` from `init`: its config.json names the same data
+    and starting checkpoint, and it holds a checkpoint of iteration `cfg.iters` saved with the same run-defining
+    settings. None otherwise."""
+    folder, cfg = Path(folder), cfg.validate()
+    if saved_config(folder).get("data") != str(Source.parse(data)):
+        return None
+    started = None if init is None else str(find_checkpoint(init).resolve())
+    if init_of(folder) != started:
+        return None
+    try:
+        state = load_checkpoint(checkpoints_of(folder), cfg.iters)
+    except FileNotFoundError:  # not trained that far
+        return None
+    if differing(Config.from_dict(state["config"]), cfg, RUN_DEFINING):
+        return None
+    nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
+    device = pick_device(cfg.device)
+    for k, net in nets.items():
+        net.load_state_dict(state["nets"][k])
+        net.to(device)
+    return TrainResult(folder, nets, cfg, float(state["fov_mm"]))
+
+
+def stopped_run(folder: str | Path, init: str | Path | None = None) -> bool:
+    """Whether `folder` holds a run started from `init` with a checkpoint to resume from."""
+    started = None if init is None else str(find_checkpoint(init).resolve())
+    return bool(list_checkpoints(checkpoints_of(folder))) and init_of(Path(folder)) == started
