@@ -8,7 +8,18 @@ import math
 import sys
 from pathlib import Path
 
-from alphagan.config import MODELS, PRECISIONS, PROFILES, SIZES, Config, SettingError, check
+from alphagan.config import (
+    CONTRASTS,
+    KINDS,
+    LAYOUTS,
+    MODELS,
+    PRECISIONS,
+    PROFILES,
+    SIZES,
+    Config,
+    SettingError,
+    check,
+)
 
 # The `train` options that set a Config field of the same name, with their help texts.
 TRAIN_SETTINGS = {
@@ -193,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=_positive, required=True)
     p.add_argument("--size", type=_size, default=64, help="edge of the cube, or 1mm for the template's grid")
-    p.add_argument("--kind", choices=("normal", "tumor", "stroke"), default="normal")
-    p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
+    p.add_argument("--kind", choices=KINDS, default="normal")
+    p.add_argument("--contrast", choices=CONTRASTS, default="t1")
     p.add_argument("--seed", type=_setting("seed"), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synth's cohort in --out")
     p.set_defaults(func=cmd_synth)
@@ -203,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="a folder or a glob pattern")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=64, help=f"edge of the training cube: {', '.join(map(str, SIZES))}")
-    p.add_argument("--layout", default="auto", choices=("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon"))
+    p.add_argument("--layout", default="auto", choices=LAYOUTS)
     p.add_argument("--modality", default=None, help="e.g. t1, t2, flair (layout-dependent)")
     p.add_argument("--stretch", action="store_true", help="resize each axis to the cube (the authors' way)")
     p.add_argument("--workers", type=_positive, default=None, help="processes; default: one per core")
@@ -249,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_at_least_two, default=512, help="real and generated volumes per model")
     p.add_argument("--pairs", type=_positive, default=1000, help="random pairs for MS-SSIM")
     p.add_argument("--n-anatomy", type=_positive, default=64, help="volumes segmented per model")
-    p.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
+    p.add_argument("--contrast", choices=CONTRASTS, default="t1")
     p.add_argument("--features", default=None, help="MedicalNet-style 3D ResNet-10 weights for a Fréchet distance")
     p.add_argument("--seed", type=_setting("seed"), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")

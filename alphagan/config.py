@@ -17,6 +17,9 @@ from typing import Any
 
 MODELS = ("alpha-wgan-gp", "alpha-gan", "wgan-gp", "vae-gan")
 NORMS = ("batch", "layer", "none")  # the image critic's normalisation (models.py)
+KINDS = ("normal", "tumor", "stroke")  # synthetic cohorts (data/synth.py)
+CONTRASTS = ("t1", "t2", "flair")
+LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")  # folders `prepare` reads
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GPU_ITERS = 2000  # per model in the `gpu` profile; the course runner's plan says what that costs on your GPU
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from alphagan.config import CONTRASTS, KINDS
 from alphagan.data.cache import load_cache, synthetic_cache
 
 # A cohort that takes at most this share of the GPU's memory lives on the GPU (991 subjects at 64^3: 1 GB).
@@ -53,8 +54,6 @@ class Source:
 
     @classmethod
     def parse(cls, text: str | Path) -> Source:
-        from alphagan.data.synth import CONTRASTS, KINDS
-
         text = str(text)
         if Path(text).is_dir():
             return cls(cache=Path(text).resolve())

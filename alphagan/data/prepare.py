@@ -30,12 +30,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from alphagan.config import check
+from alphagan.config import LAYOUTS, check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
 from alphagan.data.space import GENERATED_MARK, InputError, bounding_box, normalise, to_cube
 from alphagan.folders import MANIFEST, FolderRefused, end_with_parent, reserved_array, take_lock
 
-LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
 DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
 MAX_VOXELS = 512**3  # a header promising more is refused before its data are read (1 mm brains: about 8 M voxels)

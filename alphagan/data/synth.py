@@ -32,11 +32,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from alphagan.config import CONTRASTS, KINDS
 from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, voxel_ml, write_nifti
 from alphagan.folders import DiskFull, atomic, claim
 
-KINDS = ("normal", "tumor", "stroke")
-CONTRASTS = ("t1", "t2", "flair")
 NATIVE = 0  # size value meaning "the template's own 1 mm grid (197 x 233 x 189)"
 
 # Mean intensity of each tissue class per contrast, before the per-subject jitter. T1w: CSF < GM < WM;
