@@ -14,16 +14,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
 from alphagan.config import Config
-from alphagan.folders import atomic
+from alphagan.folders import atomic, disk_full
 from alphagan.models import build_networks
 
 _NAME = re.compile(r"ckpt_(\d+)\.pt$")
+FULL_BELOW = 2**30  # a failed write with less free space than this (1 GiB) is a full disk
 
 
 def _name(iteration: int) -> str:
@@ -56,10 +58,15 @@ def find_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
 def save_checkpoint(directory: str | Path, iteration: int, state: dict, keep: int = 3) -> Path:
     """Write `state` atomically as checkpoint `iteration`, then delete all but the newest `keep`."""
     path = Path(directory) / _name(iteration)
-    with atomic(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with atomic(path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as exc:  # torch's writer reports a short write as "unexpected pos ..."
+        if shutil.disk_usage(path.parent).free < FULL_BELOW:
+            raise disk_full(path.parent) from None
+        raise RuntimeError(f"{path}: the checkpoint could not be written ({exc})") from None
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink()
     return path

@@ -774,3 +774,18 @@ def test_partial_cohorts_of_interrupted_runs_are_cleaned_by_the_next(tmp_path, m
         (tmp_path / name).mkdir()
     synthetic_cache(2, 16)
     assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_folder(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from alphagan import checkpoint
+
+    def short_write(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 173312 vs 173200")
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", short_write)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    err = _fails(capsys, ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN], "no space left")
+    assert "enforce fail" not in err and str(tmp_path / "r" / "checkpoints") in err
