@@ -114,7 +114,7 @@ def train_or_reuse(
     cfg: Config, data: str, out: str | Path, reuse: tuple[str | Path, ...] = (), init: str | Path | None = None
 ) -> TrainResult:
     """The run `cfg` on `data` (from the weights of `init`, if given), trained only when no finished one exists
-    (`train.finished_run`) in `out` or one of `reuse` (e.g. notebook 03's run). A run in `out` that stopped
+    (`runs.finished_run`) in `out` or one of `reuse` (e.g. notebook 03's run). A run in `out` that stopped
     earlier is resumed; otherwise `out` is trained from the start."""
     for folder in (Path(out), *map(Path, reuse)):
         found = finished_run(folder, cfg, data, init)
