@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alphagan.data.space import voxel_ml
+from alphagan.metrics import wasserstein_1d
 
 TISSUES = ("csf", "gm", "wm")
 BRAIN_THRESHOLD = -0.9  # background is -1 in prepared and generated volumes
@@ -48,6 +49,14 @@ class BrainShape:
             f"{verdict} (median overlap with the typical real brain {self.generated_median:.3f}; real volumes: "
             f"lowest {self.real_lowest:.3f}, median {self.real_median:.3f})"
         )
+
+
+def not_judged(name: str, shape: BrainShape) -> str:
+    """The one sentence for volumes too early to judge by any brain metric (notebooks 04 and 05)."""
+    return (
+        f"{name}: not judged: its volumes are not brain-shaped yet (median overlap with the typical real brain "
+        f"{shape.generated_median:.3f}, below the lowest real volume's {shape.real_lowest:.3f}); train it longer."
+    )
 
 
 def brain_shape(generated: np.ndarray, real: np.ndarray) -> BrainShape:
@@ -139,3 +148,65 @@ def lesion_stats(volume: np.ndarray, affine: np.ndarray, kind: str, contrast: st
         "lesion_y_mm": float(centre[1]),
         "lesion_z_mm": float(centre[2]),
     }
+
+
+@dataclass
+class Lesions:
+    """The largest lesion-like region (`lesion_stats`) of each real and each generated volume of one cohort, and
+    how brain-shaped the generated volumes are: lesion statistics mean something only in brain-shaped volumes.
+    Taught in notebook 05."""
+
+    real: list[dict[str, float]]
+    generated: list[dict[str, float]]
+    shape: BrainShape
+
+    def sizes(self, side: str) -> list[float]:
+        """Lesion volumes (mL, 0 where none was found) of the `real` or `generated` volumes."""
+        return [s["lesion_ml"] for s in getattr(self, side)]
+
+    def centres(self, side: str) -> np.ndarray:
+        """(x, y) centres in mm of the lesions found in the `real` or `generated` volumes."""
+        return np.array([(s["lesion_x_mm"], s["lesion_y_mm"]) for s in getattr(self, side) if s["lesion_ml"] > 0])
+
+    def summary(self) -> dict[str, float | bool]:
+        """Mean sizes, their Wasserstein distance, how often a lesion is found, and the brain-shape gate."""
+        real, generated = self.sizes("real"), self.sizes("generated")
+        return {
+            "real mean lesion (mL)": float(np.mean(real)),
+            "generated mean lesion (mL)": float(np.mean(generated)),
+            "Wasserstein (mL)": wasserstein_1d(real, generated),
+            "real with a lesion": float(np.mean([v > 0 for v in real])),
+            "generated with a lesion": float(np.mean([v > 0 for v in generated])),
+            "generated brain overlap": self.shape.generated_median,
+            "generated brain-shaped": self.shape.shaped,
+        }
+
+    def conclusion(self, cohort: str) -> str:
+        """One sentence: the rates and sizes, real against generated, or why they are not judged. The detector also
+        fires on asymmetric noise, so a lesion found in generated volumes means something only beside the rate
+        and size at which it is found in real ones of the same cohort."""
+        if not self.shape.shaped:
+            return not_judged(cohort, self.shape)
+        row = self.summary()
+        return (
+            f"{cohort}: a lesion found in {row['real with a lesion']:.0%} of real and "
+            f"{row['generated with a lesion']:.0%} of generated volumes; mean sizes "
+            f"{row['real mean lesion (mL)']:.0f} and {row['generated mean lesion (mL)']:.0f} mL"
+        )
+
+
+def compare_lesions(
+    real: np.ndarray,
+    generated: np.ndarray,
+    affine: np.ndarray,
+    kind: str,
+    contrast: str,
+    shape: BrainShape | None = None,
+) -> Lesions:
+    """`Lesions` of a cohort's real and generated volumes (N, S, S, S), both in the space of `affine`; `shape`:
+    the generated volumes' `brain_shape`, if already known."""
+    return Lesions(
+        [lesion_stats(v, affine, kind, contrast) for v in real],
+        [lesion_stats(v, affine, kind, contrast) for v in generated],
+        shape or brain_shape(generated, real),
+    )

@@ -12,6 +12,7 @@ codes. Everything is written to one folder: `results.json`, `table.md`, `pca.png
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -302,8 +303,7 @@ def conclusions(results: dict) -> list[str]:
     collapsed (pairs more alike than real pairs), memorisation, and how the latent sizes compare."""
     real_overlap = results["real"]["brain_overlap_lowest"]
     lines = [
-        f"{name}: not judged: its volumes are not brain-shaped yet (median overlap with the typical real brain "
-        f"{row['brain_overlap']:.3f}, below the lowest real volume's {real_overlap:.3f}); train it longer."
+        anatomy.not_judged(name, anatomy.BrainShape(row["brain_overlap"], real_overlap, math.nan))
         for name, row in results["models"].items()
         if not row["brain_shaped"]
     ]

@@ -457,3 +457,25 @@ def compare_upsampling(channels: int = 4, size: int = 8, seed: int = 0):
         transposed.weight.copy_(torch.randn(transposed.weight.shape, generator=g) * 0.02)
         resize[1].weight.copy_(torch.randn(resize[1].weight.shape, generator=g) * 0.02)
         return transposed(x)[0, 0], resize(x)[0, 0]
+
+
+def lesion_figure(lesions: dict) -> matplotlib.figure.Figure:
+    """Notebook 05's figure: per cohort, the lesion volumes of real and generated volumes (histograms) and their
+    centres in an axial view; `lesions` maps a cohort to its `anatomy.Lesions`."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(lesions), figsize=(4 * len(lesions), 7), squeeze=False)
+    for col, (cohort, found) in enumerate(lesions.items()):
+        axes[0][col].hist([found.sizes("real"), found.sizes("generated")], bins=10, label=["real", "generated"])
+        axes[0][col].set_title(f"{cohort}: lesion volume (mL)")
+        axes[0][col].legend()
+        for side, colour in (("real", "0.5"), ("generated", "tab:red")):
+            xy = found.centres(side)
+            if len(xy):
+                axes[1][col].scatter(xy[:, 0], xy[:, 1], s=12, c=colour, label=side)
+        axes[1][col].set_xlabel("x (mm, right +)")
+        axes[1][col].set_ylabel("y (mm, anterior +)")
+        axes[1][col].set_title("lesion centres, axial view")
+        axes[1][col].legend()
+    fig.tight_layout()
+    return fig

@@ -270,3 +270,22 @@ def test_brain_shape_tells_brains_from_blobs():
     ball = np.where(((grid - centre[:, None, None, None]) ** 2).sum(0) < radius**2, 0.5, -1.0)
     blob = anatomy.brain_shape(np.repeat(ball[None], 4, axis=0), real)
     assert not blob.shaped and "not brain-shaped yet" in str(blob)
+
+
+def test_lesion_comparison_of_a_cohort_against_itself_and_its_gate():
+    from alphagan.data.synth import make_subject
+
+    subjects = [make_subject(i, seed=0, size=32, kind="tumor", contrast="flair") for i in range(4)]
+    volumes = np.stack([normalise(s.volume) for s in subjects])
+    affine = subjects[0].affine
+    found = anatomy.compare_lesions(volumes, volumes, affine, "tumor", "flair")
+    row = found.summary()
+    sizes = [anatomy.lesion_stats(v, affine, "tumor", "flair")["lesion_ml"] for v in volumes]
+    assert row["real mean lesion (mL)"] == row["generated mean lesion (mL)"] == pytest.approx(np.mean(sizes))
+    assert row["Wasserstein (mL)"] == 0.0 and row["generated brain-shaped"]
+    assert found.centres("real").shape == (sum(s > 0 for s in sizes), 2)
+    assert found.conclusion("tumor:flair").startswith("tumor:flair: a lesion found in")
+    blobs = anatomy.BrainShape(generated_median=0.5, real_lowest=0.9, real_median=0.95)
+    early = anatomy.compare_lesions(volumes, volumes, affine, "tumor", "flair", shape=blobs)
+    assert early.conclusion("tumor:flair") == anatomy.not_judged("tumor:flair", blobs)
+    assert "not judged" in early.conclusion("tumor:flair")
