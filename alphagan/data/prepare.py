@@ -34,6 +34,7 @@ from alphagan.config import LAYOUTS, check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
 from alphagan.data.space import GENERATED_MARK, InputError, bounding_box, normalise, to_cube
 from alphagan.folders import MANIFEST, FolderRefused, end_with_parent, reserved_array, take_lock
+from alphagan.progress import tqdm
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
 DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
@@ -452,12 +453,12 @@ def prepare(
         return _prepare_locked(entries, src, out, settings, workers, progress, allow_generated)
 
 
-def _once(entries: list[Entry]) -> tuple[list[Entry], list[tuple[str, str]]]:
+def _once(entries: list[Entry], progress: bool) -> tuple[list[Entry], list[tuple[str, str]]]:
     """Each subject once: a file reached by two paths, or a byte-identical copy under another name, is reported
     as a duplicate of the first and left out. Also computes each entry's SHA-256 (the manifest's)."""
     kept, rejected = [], []
     first: dict[tuple[str, int], str] = {}
-    for entry in entries:
+    for entry in tqdm(entries, desc="checksums", unit="file", disable=not progress or len(entries) < 50):
         try:
             entry.source.encode("utf-8")
         except UnicodeEncodeError:
@@ -489,9 +490,7 @@ def _prepare_locked(
     progress: bool,
     allow_generated: bool = False,
 ) -> PrepareResult:
-    from alphagan.progress import tqdm
-
-    entries, duplicates = _once(entries)
+    entries, duplicates = _once(entries, progress)
     previous = _read_previous(out, settings)
     todo, reused = [], []
     for index, entry in enumerate(entries):
@@ -544,7 +543,11 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)  # what was renamed aside is put back
+            raise
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
