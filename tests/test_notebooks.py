@@ -34,6 +34,8 @@ def test_notebook_anatomy(path):
     assert "profile = " in tagged[0].source and "run_dir = " in tagged[0].source
     code = "\n".join(c.source for c in cells if c.cell_type == "code")
     assert "device_banner(" in code  # says what it will do on this device
+    # The hardware chooses the profile unless the user (or the course runner) names one, and the banner says why.
+    assert re.search(r"^profile = None\b", tagged[0].source, re.M) and "profile, why = choose_profile(profile)" in code
     last = cells[-1].source
     assert "What you learned" in last
     later = [p for p in NOTEBOOKS if p.name > path.name]
