@@ -48,10 +48,10 @@ def find_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
         found = [path / _name(iteration)] if iteration is not None else list_checkpoints(path)[-1:]
         if not found or not found[0].exists():
             which = f"of iteration {iteration}" if iteration is not None else "(ckpt_*.pt)"
-            raise FileNotFoundError(f"{path}: no checkpoint {which} in this folder")
+            raise FileNotFoundError(f"{path}: no checkpoint {which} in this folder; give a run's checkpoints folder")
         path = found[0]
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise FileNotFoundError(f"{path}: no such checkpoint; give a ckpt_*.pt file or a run's checkpoints folder")
     return path
 
 
@@ -76,13 +76,17 @@ def load_newest(directory: str | Path, map_location="cpu") -> tuple[Path, dict]:
     """The newest checkpoint in `directory` that loads, and its path: a damaged newer one is skipped, saying so."""
     found = list_checkpoints(directory)
     if not found:
-        raise FileNotFoundError(f"{directory}: no checkpoint (ckpt_*.pt) in this folder")
+        raise FileNotFoundError(
+            f"{directory}: no checkpoint (ckpt_*.pt) in this folder; give a run's checkpoints folder"
+        )
     for path in reversed(found):
         try:
             return path, load_checkpoint(path, map_location=map_location)
         except ValueError as exc:
             warnings.warn(f"{exc}; using the newest older checkpoint that loads", stacklevel=2)
-    raise ValueError(f"{directory}: none of its {len(found)} checkpoints loads (reasons above)")
+    raise ValueError(
+        f"{directory}: none of its {len(found)} checkpoints loads (reasons above); train the run again (--overwrite)"
+    )
 
 
 def open_checkpoint(path: str | Path, map_location="cpu") -> tuple[Path, dict]:
@@ -108,9 +112,14 @@ def load_checkpoint(path: str | Path, iteration: int | None = None, map_location
         ) from None
     missing = {"config", "iter", "nets"} - set(state) if isinstance(state, dict) else {"config"}
     if missing:
-        raise ValueError(f"{path}: not an alphagan checkpoint (no {', '.join(sorted(missing))})")
+        raise ValueError(
+            f"{path}: not an alphagan checkpoint (no {', '.join(sorted(missing))}); give one `alphagan train` wrote"
+        )
     if not isinstance(state["config"], dict):
-        raise ValueError(f"{path}: not an alphagan checkpoint (its config is a {type(state['config']).__name__})")
+        kind = type(state["config"]).__name__
+        raise ValueError(
+            f"{path}: not an alphagan checkpoint (its config is a {kind}); give one `alphagan train` wrote"
+        )
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(state["config"]) - known)
     if unknown:  # a newer version's settings; one that shaped the networks shows when their weights load

@@ -162,7 +162,10 @@ def restore(
             f"run's own settings (its config.json) or train into a new --out"
         )
     if state["iter"] > cfg.iters:
-        raise ValueError(f"{path}: the run is at iteration {state['iter']}, beyond --iters {cfg.iters}")
+        raise ValueError(
+            f"{path}: the run is at iteration {state['iter']}, beyond --iters {cfg.iters}; give --iters "
+            f"{state['iter']} or more to continue it"
+        )
     for k, net in nets.items():
         net.load_state_dict(state["nets"][k])
     for k, opt in opts.items():

@@ -86,11 +86,14 @@ def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:
         raise ValueError(f"{cache}: damaged cache ({type(exc).__name__}: {exc}); prepare it again") from None
     size = settings.get("size")
     if volumes.ndim != 4 or volumes.shape[1:] != (size, size, size):
-        raise ValueError(f"{cache / 'volumes.npy'}: shape {volumes.shape} but settings.json says {size}³ volumes")
+        raise ValueError(
+            f"{cache / 'volumes.npy'}: shape {volumes.shape} but settings.json says {size}³ volumes; prepare the cache "
+            f"again (prepare ... --overwrite)"
+        )
     if len(manifest) != len(volumes):
         raise ValueError(f"{cache / 'manifest.tsv'}: {len(manifest)} rows for {len(volumes)} volumes; prepare it again")
     if not len(volumes):
-        raise ValueError(f"{cache}: the cache holds no volume")
+        raise ValueError(f"{cache}: the cache holds no volume; prepare it again from a folder of scans")
     fovs = [float(row.get("fov_mm") or "nan") for row in manifest]
     if not all(np.isfinite(f) and f > 0 for f in fovs):
         raise ValueError(f"{cache / 'manifest.tsv'}: a fov_mm that is not a positive number; prepare it again")

@@ -173,7 +173,7 @@ def find_inputs(src: str, layout: str = "auto", modality: str | None = None) -> 
             raise ValueError(f"{src}: not a NIfTI or MGH volume; {why_no_inputs(src)}")
         return [Entry(str(root), _stem(root), -1)]
     if not root.is_dir():
-        raise FileNotFoundError(f"{src}: no such file or folder")
+        raise FileNotFoundError(f"{src}: no such file or folder; check --src")
     layout = detect_layout(root) if layout == "auto" else layout
     mod = (modality or "").lower()
     files = [p for p in walk_files(root) if _is_image(p)]
