@@ -59,7 +59,7 @@ class Config:
     log_every: int = 10
     sample_every: int = 500
     ckpt_every: int = 1000
-    keep_ckpts: int = 3
+    keep_ckpts: int = 3  # the newest checkpoints kept; 0: every one
     n_fixed: int = 4  # fixed-noise samples shown every `sample_every` iterations
 
     def replace(self, **overrides: Any) -> Config:
@@ -115,7 +115,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model": ((lambda v: v in MODELS), f"one of {', '.join(MODELS)}"),
     "size": ((lambda v: v in SIZES), f"a power of two from 16 to 256 ({', '.join(map(str, SIZES))})"),
     **dict.fromkeys(("width", "latent", "batch", "g_steps", "d_steps", "code_hidden", "iters", "n_subjects"), _COUNT),
-    **dict.fromkeys(("log_every", "sample_every", "ckpt_every", "keep_ckpts", "n_fixed"), _COUNT),
+    **dict.fromkeys(("log_every", "sample_every", "ckpt_every", "n_fixed"), _COUNT),
+    "keep_ckpts": ((lambda v: v >= 0), ">= 0 (0: keep every checkpoint)"),
     "lr": _finite(0, above=True),
     **dict.fromkeys(("lambda_gp", "lambda_rec", "beta_kl"), _finite(0, above=False)),
     "critic_norm": ((lambda v: v in NORMS), f"one of {', '.join(NORMS)}"),
