@@ -9,6 +9,8 @@
 - `atomic`: a file is written under a temporary name and renamed, so a reader never sees half of it; on any
   failure the temporary file is removed, and a full disk becomes one line naming the folder. Temporary files of
   a writer that was killed are removed by the next claim of the folder.
+- `atomic_folder`: a whole folder (a `prepare` cache, a synthetic cohort) is built beside its place and swapped in;
+  `recover_folder` puts back or cleans what a killed writer left. `take_lock` is the one lock.
 """
 
 from __future__ import annotations
@@ -84,13 +86,54 @@ def end_with_parent() -> None:
         pass
 
 
-def remove_abandoned(parent: Path, prefix: str) -> None:
-    """Delete the folders `PREFIX...-PID` in `parent` whose writing process no longer runs (killed, or its disk ran
-    full): a `.partial` folder is never left behind for good."""
-    for path in parent.glob(f"{prefix}*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+@contextlib.contextmanager
+def atomic_folder(out: Path, replace: bool = True) -> Iterator[Path]:
+    """The one atomic folder: a temporary folder beside `out` (`.NAME.partial-PID`) to build in, which replaces
+    `out` when the block ends, so a reader sees the old folder or the new one, never a mixture (the old one is
+    renamed aside, `.NAME.old-PID`, and put back if the swap fails); on any failure it is removed. With
+    `replace=False` a folder that another process completed meanwhile is kept, and this one dropped.
+    `recover_folder` cleans what a killed writer left."""
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists() and not replace:
+            return
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)  # what was renamed aside is put back
+                raise
+            shutil.rmtree(old)
+        else:
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if replace or not out.exists():
+                    raise  # else another process completed it between the check and the rename
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_folder(out: Path, prefix: str | None = None, locked: bool = False) -> None:
+    """What killed `atomic_folder` writers left beside `out`: a folder renamed aside is put back where `out` is
+    missing (the kill fell between the two renames) and deleted otherwise; partial folders are deleted, all of them
+    when the caller holds `out`'s lock, else those whose writer no longer runs. `prefix`: the partial folders of
+    any name starting so (default: `out`'s own)."""
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, out)
+    prefix = prefix or f".{out.name}.partial-"
+    for partial in out.parent.glob(f"{prefix}*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if ".partial-" in partial.name and (locked or (pid.isdigit() and not _running(int(pid)))):
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _running(pid: int) -> bool:

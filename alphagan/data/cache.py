@@ -11,7 +11,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from alphagan.data.space import normalise, to_cube
 from alphagan.data.synth import make_subject
-from alphagan.folders import end_with_parent, remove_abandoned, reserved_array
+from alphagan.folders import atomic_folder, end_with_parent, recover_folder, reserved_array
 
 CACHE_VERSION = 2  # 2: the manifest column cube_mm is called fov_mm, like everywhere else
 CACHE_FILES = frozenset({"volumes.npy", "manifest.tsv", "rejected.tsv", "settings.json"})
@@ -180,13 +179,11 @@ def synthetic_cache(
     if (folder / "settings.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(folder.parent, ".synth-")  # any cohort's, not only this one's
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    recover_folder(folder, prefix=".synth-")  # any cohort's partial folders, not only this one's
     # Shown at once: reserving a large cohort's space and its first subject take seconds before the first update.
     bar = tqdm(total=n, desc=f"synthetic cohort {kind} {contrast}", unit="subj", disable=not progress)
-    try:
+    # Another process making the same cohort may finish first: its folder is kept (`replace=False`).
+    with bar, atomic_folder(folder, replace=False) as tmp:
         volumes = reserved_array(tmp / "volumes.npy", (n, size, size, size))
         fovs = [0.0] * n
         jobs = [(i, seed, size, kind, contrast) for i in range(n)]
@@ -211,13 +208,4 @@ def synthetic_cache(
         entries = [Entry(source, f"sub-{i:05d}", -1, fov_mm=fov_mm) for i, fov_mm in enumerate(fovs)]
         settings = {**asdict(Settings(size=size)), "synthetic": dict(kind=kind, contrast=contrast, seed=seed, n=n)}
         write_cache_tables(tmp, settings, entries, [])
-        os.replace(tmp, folder)
-    except OSError:
-        if (folder / "settings.json").exists():  # another process finished the same cohort first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return folder
-        raise
-    finally:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

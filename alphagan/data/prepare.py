@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -33,7 +32,15 @@ import numpy as np
 from alphagan.config import LAYOUTS, check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
 from alphagan.data.space import GENERATED_MARK, InputError, bounding_box, normalise, to_cube
-from alphagan.folders import MANIFEST, FolderRefused, end_with_parent, reserved_array, take_lock
+from alphagan.folders import (
+    MANIFEST,
+    FolderRefused,
+    atomic_folder,
+    end_with_parent,
+    recover_folder,
+    reserved_array,
+    take_lock,
+)
 from alphagan.progress import tqdm
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
@@ -410,13 +417,7 @@ def _locked(out: Path):
     busy = f"{out}: another prepare is writing this cache; wait for it to finish"
     lock = take_lock(out.with_name(f".{out.name}.lock"), busy, RuntimeError)
     try:
-        for old in out.parent.glob(f".{out.name}.old-*"):
-            if out.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # killed between the two renames: the previous cache is still complete
-                os.replace(old, out)
-        for partial in out.parent.glob(f".{out.name}.partial-*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        recover_folder(out, locked=True)
         yield
     finally:
         lock.release()
@@ -497,9 +498,7 @@ def _prepare_locked(
         key = (entry.source, entry.channel, entry.sha256)
         (reused if key in previous else todo).append((index, entry))
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         # Volumes are written as they arrive, into a scratch array in input order; never all held in memory.
         scratch = reserved_array(tmp / "scratch.npy", (len(entries),) + (settings.size,) * 3)
         ok = [False] * len(entries)
@@ -532,25 +531,7 @@ def _prepare_locked(
         _write_cache_files(tmp, settings, scratch, good, [entries[i] for i in good], rejected)
         del scratch
         (tmp / "scratch.npy").unlink()
-        _swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult(out, len(good) - len(reused), len(reused), rejected)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace `out` by the complete `tmp`: a reader sees the old cache or the new one, never a mixture."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)  # what was renamed aside is put back
-            raise
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
 
 
 def _write_cache_files(
