@@ -10,6 +10,7 @@ from pathlib import Path
 
 from alphagan.config import (
     CONTRASTS,
+    EVALUATE_DEFAULTS,
     KINDS,
     LAYOUTS,
     MODELS,
@@ -257,9 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", required=True, help="a held-out prepared cache, or synth[:kind[:contrast]]")
     p.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=_at_least_two, default=512, help="real and generated volumes per model")
-    p.add_argument("--pairs", type=_positive, default=1000, help="random pairs for MS-SSIM")
-    p.add_argument("--n-anatomy", type=_positive, default=64, help="volumes segmented per model")
+    p.add_argument(
+        "--n", type=_at_least_two, default=EVALUATE_DEFAULTS["n"], help="real and generated volumes per model"
+    )
+    p.add_argument("--pairs", type=_positive, default=EVALUATE_DEFAULTS["pairs"], help="random pairs for MS-SSIM")
+    p.add_argument(
+        "--n-anatomy", type=_positive, default=EVALUATE_DEFAULTS["n_anatomy"], help="volumes segmented per model"
+    )
     p.add_argument("--contrast", choices=CONTRASTS, default="t1")
     p.add_argument("--features", default=None, help="MedicalNet-style 3D ResNet-10 weights for a Fréchet distance")
     p.add_argument("--seed", type=_setting("seed"), default=0)

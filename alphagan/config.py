@@ -21,6 +21,8 @@ KINDS = ("normal", "tumor", "stroke")  # synthetic cohorts (data/synth.py)
 CONTRASTS = ("t1", "t2", "flair")
 LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")  # folders `prepare` reads
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# `evaluate`'s defaults, for its function and its command line: the paper's 512 volumes a side and MMD batch 8.
+EVALUATE_DEFAULTS: dict[str, int] = {"n": 512, "pairs": 1000, "mmd_batch": 8, "mmd_repetitions": 100, "n_anatomy": 64}
 GPU_ITERS = 2000  # per model in the `gpu` profile; the course runner's plan says what that costs on your GPU
 
 

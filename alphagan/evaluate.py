@@ -22,7 +22,7 @@ import psutil
 
 from alphagan import anatomy, features, metrics
 from alphagan.checkpoint import open_checkpoint
-from alphagan.config import Config
+from alphagan.config import EVALUATE_DEFAULTS, Config
 from alphagan.data.cache import load_cache
 from alphagan.data.dataset import Source, load_training_volumes
 from alphagan.data.space import cube_affine
@@ -120,11 +120,11 @@ def evaluate(
     real: str,
     checkpoints: list[str],
     out: str | Path,
-    n: int = 512,
-    pairs: int = 1000,
-    mmd_batch: int = 8,
-    mmd_repetitions: int = 100,
-    n_anatomy: int = 64,
+    n: int = EVALUATE_DEFAULTS["n"],
+    pairs: int = EVALUATE_DEFAULTS["pairs"],
+    mmd_batch: int = EVALUATE_DEFAULTS["mmd_batch"],
+    mmd_repetitions: int = EVALUATE_DEFAULTS["mmd_repetitions"],
+    n_anatomy: int = EVALUATE_DEFAULTS["n_anatomy"],
     contrast: str = "t1",
     feature_weights: str | None = None,
     seed: int = 0,
