@@ -22,7 +22,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 from functools import cache
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,10 +29,8 @@ from torch.utils.flop_counter import flop_registry
 
 from alphagan import losses
 from alphagan.config import MODELS, make_config
-from alphagan.data.dataset import Batches
-from alphagan.device import GRAPH_WARMUP, Graphed, machine, pick_device, pick_dtype, use_graphs
-from alphagan.models import build_networks
-from alphagan.steps import UPDATES, iteration, optimisers, update_steps
+from alphagan.course.plan import TimedStep
+from alphagan.device import machine
 
 # Operator (CPU) or kernel (GPU) names, first match wins. cuDNN names its input-gradient kernels dgrad and its
 # weight-gradient kernels wgrad; on a CPU oneDNN computes both in one convolution_backward.
@@ -97,31 +94,11 @@ def matrix_rate(device: torch.device, dtype: torch.dtype) -> float:
     return repeats * 2 * n**3 / (time.perf_counter() - start)
 
 
-class Step:
-    """One model's training iteration at a profile, built as `train()` builds it, on random volumes."""
+class Step(TimedStep):
+    """`course.plan.TimedStep` of a model at a profile, with its FLOPs and where its time goes."""
 
     def __init__(self, profile: str, model: str):
-        self.cfg = cfg = make_config(profile, model)
-        self.device = device = pick_device(cfg.device)
-        self.dtype = dtype = pick_dtype(cfg.precision, device)
-        nets = build_networks(model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
-        nets = {k: v.to(device) for k, v in nets.items()}
-        volumes = np.random.default_rng(0).uniform(-1, 1, (2 * cfg.batch, *[cfg.size] * 3)).astype(np.float32)
-        self.batches = Batches(volumes, device, torch.Generator(device=device).manual_seed(0))
-        self.graphs = use_graphs(cfg, device, distributed=False, amp_dtype=dtype)
-        opts, self.inputs = optimisers(nets, UPDATES[model], cfg, fused=True, capturable=self.graphs), {}
-        self.steps = update_steps(nets, opts, self.inputs, cfg, dtype)
-        self.step = Graphed(self.steps, self.graphs)
-
-    def run(self, n: int, graphed: bool = True) -> float:
-        """Seconds per iteration over `n` iterations (eager when not `graphed`)."""
-        step, static = (self.step, self.graphs) if graphed else (Graphed(self.steps), False)
-        _synchronise(self.device)
-        start = time.perf_counter()
-        for _ in range(n):
-            iteration(UPDATES[self.cfg.model], step, self.inputs, self.batches, self.cfg, static=static)
-        _synchronise(self.device)
-        return (time.perf_counter() - start) / n
+        super().__init__(make_config(profile, model))
 
     def flops(self) -> int:
         counter = FlopCount()
@@ -160,8 +137,7 @@ def _matrix_rate(device: torch.device, dtype: torch.dtype) -> float:
 def measure(profile: str, model: str, iters: int) -> dict:
     """One model at one profile: its FLOPs, speed, the matrix rate beside it, and where its time goes."""
     step = Step(profile, model)
-    warmup = GRAPH_WARMUP + 2 if step.graphs else 1
-    step.run(warmup)
+    step.warm_up()
     seconds = step.run(iters)
     flops = step.flops()
     peak = _matrix_rate(step.device, step.dtype if step.device.type == "cuda" else torch.float32)

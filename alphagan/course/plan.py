@@ -80,14 +80,14 @@ class Plan:
         """The plan as a Markdown table: per notebook its training and its predicted minutes in all."""
         head = "| notebook | training runs | iterations each | training minutes | predicted minutes in all |"
         lines = [head, "|---|---:|---:|---:|---:|"]
-        for notebook in sorted({*self.runs, *self.other}):
+        notebooks = sorted({*self.runs, *self.other})
+        for notebook in notebooks:
             runs = self.runs.get(notebook, [])
             models = f" ({', '.join(sorted({r.label for r in runs}))})" if runs else ""
             lines.append(
                 f"| {notebook} | {len(runs)}{models} | {self.iters(notebook) or ''} | {self.minutes(notebook):.1f} | "
                 f"{_shown(self.predicted(notebook))} |"
             )
-        notebooks = sorted({*self.runs, *self.other})
         predicted = [self.predicted(n) for n in notebooks]
         total = None if None in predicted else sum(predicted)
         training = sum(self.minutes(n) for n in notebooks)
@@ -143,32 +143,53 @@ def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str
     return runs
 
 
-def seconds_per_iteration(profile: str, model: str, latent: int, as_written: bool = False) -> float:
-    """Seconds of one training iteration of `model` at `profile`'s settings (`as_written`: without LEARNS) on this
-    machine, timed on random volumes with the updates `train()` runs (`steps.update_steps`, replayed as CUDA graphs
-    where `train()` replays them), after a warm-up that `train()` also pays once: cuDNN's autotuning and each
-    update's graph capture. On a GPU more iterations are timed, since one takes milliseconds."""
-    cfg = make_config(profile, model, latent=latent)
-    cfg = config.as_written(cfg) if as_written else cfg
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.precision, device)
-    nets = {k: v.to(device) for k, v in build_networks(model, cfg.size, cfg.width, latent, cfg.code_hidden).items()}
-    volumes = np.random.default_rng(0).uniform(-1, 1, (2 * cfg.batch, *[cfg.size] * 3)).astype(np.float32)
-    batches = Batches(volumes, device, torch.Generator(device=device).manual_seed(0))
-    graphs = use_graphs(cfg, device, distributed=False, amp_dtype=dtype)
-    opts, inputs = optimisers(nets, UPDATES[model], cfg, fused=True, capturable=graphs), {}
-    step = Graphed(update_steps(nets, opts, inputs, cfg, dtype), graphs)
-    cuda = device.type == "cuda"
-    warmup, timed = (GRAPH_WARMUP + 2, 20) if cuda else (1, 2)
-    for n in (warmup, timed):
-        if cuda:
-            torch.cuda.synchronize(device)
+class TimedStep:
+    """One training iteration of `cfg`, built as `train()` builds it (the same updates, fused Adam, CUDA graphs
+    where `train()` uses them), on random volumes: what the plan times, and `bench/roofline.py` measures."""
+
+    def __init__(self, cfg: config.Config):
+        self.cfg = cfg
+        self.device = device = pick_device(cfg.device)
+        self.dtype = dtype = pick_dtype(cfg.precision, device)
+        nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
+        nets = {k: v.to(device) for k, v in nets.items()}
+        volumes = np.random.default_rng(0).uniform(-1, 1, (2 * cfg.batch, *[cfg.size] * 3)).astype(np.float32)
+        self.batches = Batches(volumes, device, torch.Generator(device=device).manual_seed(0))
+        self.graphs = use_graphs(cfg, device, distributed=False, amp_dtype=dtype)
+        opts, self.inputs = optimisers(nets, UPDATES[cfg.model], cfg, fused=True, capturable=self.graphs), {}
+        self.steps = update_steps(nets, opts, self.inputs, cfg, dtype)
+        self.step = Graphed(self.steps, self.graphs)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def warm_up(self) -> None:
+        """What `train()` also pays once: cuDNN's autotuning and, on a GPU, each update's graph capture."""
+        self.run(GRAPH_WARMUP + 2 if self.cuda else 1)
+
+    def run(self, n: int, graphed: bool = True) -> float:
+        """Seconds per iteration over `n` iterations (eager, without CUDA graphs, when not `graphed`)."""
+        step, static = (self.step, self.graphs) if graphed else (Graphed(self.steps), False)
+        self._synchronise()
         start = time.perf_counter()
         for _ in range(n):
-            iteration(UPDATES[model], step, inputs, batches, cfg, static=graphs)
-        if cuda:
-            torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / timed
+            iteration(UPDATES[self.cfg.model], step, self.inputs, self.batches, self.cfg, static=static)
+        self._synchronise()
+        return (time.perf_counter() - start) / n
+
+    def _synchronise(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def seconds_per_iteration(profile: str, model: str, latent: int, as_written: bool = False) -> float:
+    """Seconds of one training iteration of `model` at `profile`'s settings (`as_written`: without LEARNS) on this
+    machine (`TimedStep`), after its warm-up. On a GPU more iterations are timed, since one takes milliseconds."""
+    cfg = make_config(profile, model, latent=latent)
+    step = TimedStep(config.as_written(cfg) if as_written else cfg)
+    step.warm_up()
+    return step.run(20 if step.cuda else 2)
 
 
 def plan_course(profile: str, minutes: float | None = None, only: list[str] | None = None) -> Plan:
@@ -177,8 +198,8 @@ def plan_course(profile: str, minutes: float | None = None, only: list[str] | No
     training fits them. Raises ValueError when that falls below the profile's floor."""
     notebooks = only or [f"{i:02d}" for i in range(1, 7)]
     runs = {nb: r for nb, r in training_runs(profile).items() if nb in notebooks}
-    probe = probe_seconds()
     units = OTHER_WORK.get(profile, {})
+    probe = probe_seconds() if units.keys() & set(notebooks) else 0.0  # a fresh Python: only when it is used
     other = {nb: units[nb] * probe if nb in units else None for nb in notebooks}
     plan = Plan(profile, runs, other=other)
     for kind in sorted({r.kind for rs in runs.values() for r in rs}):
