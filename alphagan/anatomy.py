@@ -51,11 +51,12 @@ class BrainShape:
         )
 
 
-def not_judged(name: str, shape: BrainShape) -> str:
-    """The one sentence for volumes too early to judge by any brain metric (notebooks 04 and 05)."""
+def not_judged(name: str, generated_median: float, real_lowest: float) -> str:
+    """The one sentence for volumes too early to judge by any brain metric (notebooks 04 and 05), from their
+    `BrainShape`'s two overlaps."""
     return (
         f"{name}: not judged: its volumes are not brain-shaped yet (median overlap with the typical real brain "
-        f"{shape.generated_median:.3f}, below the lowest real volume's {shape.real_lowest:.3f}); train it longer."
+        f"{generated_median:.3f}, below the lowest real volume's {real_lowest:.3f}); train it longer."
     )
 
 
@@ -186,7 +187,7 @@ class Lesions:
         fires on asymmetric noise, so a lesion found in generated volumes means something only beside the rate
         and size at which it is found in real ones of the same cohort."""
         if not self.shape.shaped:
-            return not_judged(cohort, self.shape)
+            return not_judged(cohort, self.shape.generated_median, self.shape.real_lowest)
         row = self.summary()
         return (
             f"{cohort}: a lesion found in {row['real with a lesion']:.0%} of real and "

@@ -12,7 +12,6 @@ codes. Everything is written to one folder: `results.json`, `table.md`, `pca.png
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from alphagan.data.space import cube_affine
 from alphagan.device import pick_device
 from alphagan.folders import atomic, claim
 from alphagan.runs import run_of, saved_config
-from alphagan.sampling import generate, load_generator
+from alphagan.sampling import generate, generator_of
 
 HELD_OUT_SEED_OFFSET = 10_000  # synthetic held-out subjects: a cohort seed no training run uses by default
 QUANTITIES = ("brain_ml", "gm_ml", "wm_ml", "csf_ml")
@@ -139,23 +138,25 @@ def evaluate(
     source = Source.parse(real)  # a bad --real is named before any model is loaded
     if not source.synthetic:
         load_cache(source.cache)
-    files = tuple(str(open_checkpoint(c)[0].resolve()) for c in checkpoints)  # a damaged newest is passed over
+    opened = [open_checkpoint(c) for c in checkpoints]  # loaded once; a folder's damaged newest is passed over
+    files = tuple(str(path.resolve()) for path, _ in opened)
     ev = Evaluation(
         str(source), files, n, pairs, mmd_batch, mmd_repetitions, n_anatomy, contrast, feature_weights, seed
     )
     keep = {"--real": source.cache, "--features": feature_weights, **{f"--checkpoint {c}": c for c in files}}
     with claim(out, "evaluate", asdict(ev), list(EVALUATE_FILES), overwrite=overwrite, keep=keep) as owned:
-        return _evaluate(source, ev, owned.folder, str(pick_device(device or "auto")))
+        states = [state for _, state in opened]
+        return _evaluate(source, ev, states, owned.folder, str(pick_device(device or "auto")))
 
 
 EVALUATE_FILES = ("results.json", "table.md", "pca.png", "volumes.png", "nearest.png")
 
 
-def _evaluate(source: Source, ev: Evaluation, out: Path, device: str) -> dict:
-    """`evaluate` once its folder is claimed."""
+def _evaluate(source: Source, ev: Evaluation, states: list[dict], out: Path, device: str) -> dict:
+    """`evaluate` once its folder is claimed, with the checkpoints' `states`."""
     from alphagan.progress import tqdm
 
-    models = [load_generator(c, device) for c in ev.checkpoints]
+    models = [generator_of(state, device) for state in states]
     sizes = {cfg.size for _, cfg, _ in models}
     if len(sizes) != 1:
         raise ValueError(f"the checkpoints generate different sizes {sorted(sizes)}; evaluate them separately")
@@ -303,7 +304,7 @@ def conclusions(results: dict) -> list[str]:
     collapsed (pairs more alike than real pairs), memorisation, and how the latent sizes compare."""
     real_overlap = results["real"]["brain_overlap_lowest"]
     lines = [
-        anatomy.not_judged(name, anatomy.BrainShape(row["brain_overlap"], real_overlap, math.nan))
+        anatomy.not_judged(name, row["brain_overlap"], real_overlap)
         for name, row in results["models"].items()
         if not row["brain_shaped"]
     ]

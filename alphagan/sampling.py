@@ -59,16 +59,9 @@ def reconstruct(encoder: nn.Module, generator: nn.Module, x: torch.Tensor) -> to
     return copy.deepcopy(generator).train()(code)
 
 
-def load_generator(
-    checkpoint: str | Path, device: str = "cpu", seed: int | None = None
-) -> tuple[nn.Module, Config, dict]:
-    """The generator of a checkpoint (a file or a run's checkpoint folder), calibrated and ready for sampling,
-    with the run's settings and the checkpoint's state. `seed` draws the calibration codes (default: the run's)."""
-    return generator_of(open_checkpoint(checkpoint)[1], device, seed)
-
-
 def generator_of(state: dict, device: str = "cpu", seed: int | None = None) -> tuple[nn.Module, Config, dict]:
-    """`load_generator` of a checkpoint's state already loaded."""
+    """The generator of a checkpoint's state (`checkpoint.open_checkpoint`), calibrated and ready for sampling,
+    with the run's settings and the state. `seed` draws the calibration codes (default: the run's)."""
     cfg = Config.from_dict(state["config"])
     G = Generator(cfg.size, cfg.width, cfg.latent)
     G.load_state_dict(state["nets"]["G"])

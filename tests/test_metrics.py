@@ -287,5 +287,5 @@ def test_lesion_comparison_of_a_cohort_against_itself_and_its_gate():
     assert found.conclusion("tumor:flair").startswith("tumor:flair: a lesion found in")
     blobs = anatomy.BrainShape(generated_median=0.5, real_lowest=0.9, real_median=0.95)
     early = anatomy.compare_lesions(volumes, volumes, affine, "tumor", "flair", shape=blobs)
-    assert early.conclusion("tumor:flair") == anatomy.not_judged("tumor:flair", blobs)
+    assert early.conclusion("tumor:flair") == anatomy.not_judged("tumor:flair", 0.5, 0.9)
     assert "not judged" in early.conclusion("tumor:flair")
