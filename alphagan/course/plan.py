@@ -112,7 +112,7 @@ OTHER_WORK: dict[str, dict[str, float]] = {
 
 def probe_seconds() -> float:
     """Seconds this machine takes for the kind of work every notebook does besides training, in small: a fresh
-    Python that imports what the notebooks import, filters a volume and saves a figure (about 3.5 s on the 2-core
+    Python that imports what the notebooks import, filters a volume and saves a figure (5-7 s on the 2-core
     Xeon that measured `OTHER_WORK`)."""
     code = (
         "import io, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt, nilearn.plotting; "
