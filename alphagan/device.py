@@ -50,14 +50,20 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def processes(name: str = "auto") -> tuple[torch.device, int, int]:
-    """Device (`pick_device(name)`), rank and world size: one process, or one per GPU under torchrun (DDP); on a
-    GPU, cuDNN picks its fastest kernels for the fixed shapes, and float32 products use TF32."""
-    device = pick_device(name)
+def fastest_kernels(device: torch.device) -> None:
+    """On a GPU, let cuDNN time its kernels for the fixed shapes and pick the fastest, and let float32 products use
+    TF32; on a CPU, nothing. Whatever times training (the course's plan, the benchmarks) sets the same."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def processes(name: str = "auto") -> tuple[torch.device, int, int]:
+    """Device (`pick_device(name)`, with `fastest_kernels`), rank and world size: one process, or one per GPU under
+    torchrun (DDP)."""
+    device = pick_device(name)
+    fastest_kernels(device)
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return device, 0, 1
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

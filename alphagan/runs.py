@@ -170,7 +170,8 @@ def restore(
         net.load_state_dict(state["nets"][k])
     for k, opt in opts.items():
         opt.load_state_dict(state["optimisers"][k])
-    rng = state["rng"][rank]
+    # Generators take their states from host memory; a checkpoint loaded onto a GPU moved them there.
+    rng = {k: v.cpu() for k, v in state["rng"][rank].items()}
     try:
         batches.set_state(rng)
     except (RuntimeError, KeyError) as exc:  # saved on another kind of device: the draws cannot continue exactly

@@ -48,15 +48,17 @@ def calibrated_generator(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def reconstruct(encoder: nn.Module, generator: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """G(E(x)) for a batch of real volumes x, (B, 1, S, S, S): E in eval mode (the VAE-GAN's posterior mean), G as
-    a throw-away copy in train mode. The encoder's codes are not N(0, I) early in training, so the statistics
-    calibrated for samples do not fit them; G's batch statistics do. Neither network is changed."""
+    """G(E(x)) for a batch of real volumes x, (B, 1, S, S, S) on any device, as float32 on the CPU (like
+    `generate`): E in eval mode (the VAE-GAN's posterior mean), G as a throw-away copy in train mode. The
+    encoder's codes are not N(0, I) early in training, so the statistics calibrated for samples do not fit them;
+    G's batch statistics do. Neither network is changed."""
     was_training = encoder.training
-    code = encoder.eval()(x)
+    code = encoder.eval()(x.to(next(encoder.parameters()).device))
     encoder.train(was_training)
     code = code[0] if isinstance(code, tuple) else code
-    return copy.deepcopy(generator).train()(code)
+    return copy.deepcopy(generator).train()(code).float().cpu()
 
 
 def generator_of(state: dict, device: str = "cpu", seed: int | None = None) -> tuple[nn.Module, Config, dict]:

@@ -167,7 +167,7 @@ def _picture(run: Run, it: int) -> dict[str, float]:
         samples = G(run.fixed_z.to(run.device)).float().cpu()
     groups, spread_of = {"samples": list(samples)}, {"sample_spread": samples}
     if "E" in nets:
-        rec = reconstruct(nets["E"], nets["G"], run.fixed_x.to(run.device)).float().cpu()
+        rec = reconstruct(nets["E"], nets["G"], run.fixed_x)
         groups["real"], groups["reconstructions"] = list(run.fixed_x), list(rec)
         spread_of["rec_spread"] = rec
     save_figure(

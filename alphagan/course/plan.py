@@ -18,7 +18,7 @@ from alphagan import config
 from alphagan.config import make_config
 from alphagan.course.settings import course_settings
 from alphagan.data.dataset import Batches
-from alphagan.device import GRAPH_WARMUP, Graphed, pick_device, pick_dtype, use_graphs
+from alphagan.device import GRAPH_WARMUP, Graphed, fastest_kernels, pick_device, pick_dtype, use_graphs
 from alphagan.models import build_networks
 from alphagan.steps import UPDATES, iteration, optimisers, update_steps
 
@@ -150,6 +150,7 @@ class TimedStep:
     def __init__(self, cfg: config.Config):
         self.cfg = cfg
         self.device = device = pick_device(cfg.device)
+        fastest_kernels(device)  # as train() runs
         self.dtype = dtype = pick_dtype(cfg.precision, device)
         nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
         nets = {k: v.to(device) for k, v in nets.items()}

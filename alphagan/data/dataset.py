@@ -193,8 +193,8 @@ class Batches:
         return {"generator": self.generator.get_state(), "index": self.index_generator.get_state()}
 
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU moved it there
-        self.index_generator.set_state(state["index"].cpu())
+        self.generator.set_state(state["generator"])
+        self.index_generator.set_state(state["index"])
 
 
 class BrainVolumes(Dataset):
