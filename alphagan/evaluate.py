@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from scipy import ndimage
 
 from alphagan import anatomy, features, metrics
 from alphagan.checkpoint import open_checkpoint
@@ -61,6 +62,29 @@ def real_volumes(real: str, size: int, n: int, training_seed: int = 0) -> tuple[
 # Peak memory of the Gaussian MMD per square of --n (`metrics.mmd_gaussian`: the median heuristic's distances
 # among the pooled 2n volumes, their mask and copies, then the three kernel matrices): 134 and 136 bytes, measured
 # as the growth of peak RSS at n = 4000 and 2000.
+BLUR_SIGMA = 1.5  # voxels: notebook 04's blurred copies
+
+
+def decoys(real: np.ndarray) -> dict[str, np.ndarray]:
+    """What notebook 04 puts in a generator's place to test the metrics: other real subjects, blurred copies of
+    them (`BLUR_SIGMA`), and their average repeated (a generator that collapsed to one volume)."""
+    blurred = np.stack([ndimage.gaussian_filter(v, BLUR_SIGMA) for v in real])
+    return {
+        "other real subjects": real,
+        "blurred copies": blurred,
+        "the average, repeated": np.repeat(real.mean(0, keepdims=True), len(real), axis=0),
+    }
+
+
+def decoy_scores(real: np.ndarray, decoy: np.ndarray, pairs: int, repetitions: int, seed: int) -> dict[str, float]:
+    """The paper's MMD (batches of 8), the Gaussian-kernel MMD² and the MS-SSIM of `decoy`'s pairs, against
+    held-out `real` volumes."""
+    paper = metrics.mmd_batchwise(real, decoy, batch=min(8, len(real)), repetitions=repetitions, seed=seed)
+    kernel, _ = metrics.mmd_gaussian(real, decoy)
+    diversity, _ = metrics.diversity(decoy, pairs=pairs, seed=seed)
+    return {"paper_mmd": paper.mean, "kernel_mmd2": kernel, "ms_ssim": diversity}
+
+
 PAIRWISE_BYTES = 140
 
 

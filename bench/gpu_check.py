@@ -55,7 +55,7 @@ SECTIONS = {  # name: seconds allowed on a GPU
 }
 SUITES = {"course": ["device", "course"], "step": ["device", "roofline", "grid"]}
 # The training budget of `--course`. The whole course takes longer than its section's limit on an H200: notebooks
-# 01-03 alone took 5.1 minutes there (docs/results_gpu.md).
+# 01-03 spent 3.2 minutes there besides training (docs/results_gpu.md).
 COURSE_MINUTES = 8
 
 

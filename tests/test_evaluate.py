@@ -2,13 +2,17 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
+from alphagan import metrics
 from alphagan.cli import main
 from alphagan.config import make_config
+from alphagan.data.dataset import synthetic_volumes
 from alphagan.data.prepare import prepare
-from alphagan.evaluate import conclusions
+from alphagan.evaluate import BLUR_SIGMA, HELD_OUT_SEED_OFFSET, conclusions, decoy_scores, decoys
 from alphagan.features import ResNet3D
 from alphagan.train import train
 
@@ -141,3 +145,18 @@ def test_conclusions_follow_the_numbers():
     assert "above chance" in gain and "not clearly" not in gain and "a gain beyond twice its spread" in gain
     noise = AugmentationResult([0.50, 0.55, 0.45], [0.55, 0.45, 0.50]).conclusion()
     assert "not clearly above chance" in noise and "no effect shown" in noise
+
+
+def test_notebook_04s_decoys_score_as_the_metrics_say():
+    """The average repeated is one volume: its pairs have an MS-SSIM of 1 (SSIM of identical images). The other
+    real subjects score what the metrics give them directly."""
+    real = synthetic_volumes(8, 32, seed=HELD_OUT_SEED_OFFSET)[0]
+    a, b = real[:4], real[4:]
+    sets = decoys(b)
+    assert list(sets) == ["other real subjects", "blurred copies", "the average, repeated"]
+    assert np.allclose(sets["blurred copies"][0], ndimage.gaussian_filter(b[0], BLUR_SIGMA))
+    collapsed = decoy_scores(a, sets["the average, repeated"], pairs=6, repetitions=3, seed=0)
+    assert collapsed["ms_ssim"] == pytest.approx(1.0, abs=1e-6)
+    scores = decoy_scores(a, b, pairs=6, repetitions=3, seed=0)
+    assert scores["kernel_mmd2"] == pytest.approx(metrics.mmd_gaussian(a, b)[0])
+    assert scores["paper_mmd"] == pytest.approx(metrics.mmd_batchwise(a, b, batch=4, repetitions=3, seed=0).mean)

@@ -8,7 +8,7 @@ import torch
 
 from alphagan.config import MODELS, PROFILES, make_config
 from alphagan.course import settings as course_module
-from alphagan.course.settings import COURSE, course_settings, train_or_reuse
+from alphagan.course.settings import COURSE, class_config, course_settings, train_or_reuse
 from alphagan.data import cache
 from alphagan.data.cache import synthetic_cache
 from alphagan.data.dataset import Batches, Source, synthetic_volumes
@@ -143,6 +143,16 @@ def test_every_profile_has_course_settings_and_the_gpu_profile_is_the_papers_net
     assert gpu.iters < paper.iters
     assert choose_profile()[0] == ("gpu" if torch.cuda.is_available() else "cpu")
     assert choose_profile("smoke") == ("smoke", "as asked")
+
+
+def test_what_only_a_notebook_set_is_the_courses():
+    """Notebook 03 resumes for a fiftieth of its run; notebook 06 trains each class in batches no larger than
+    its subjects."""
+    course = course_settings("cpu")
+    assert (course.resume_iters(1000), course.resume_iters(10)) == (20, 1)
+    few = class_config("cpu", n_real=3, iters=5, seed=1)
+    assert (few.batch, few.n_subjects, few.iters, few.seed) == (3, 3, 5, 1)
+    assert class_config("cpu", n_real=30, iters=None, seed=0).batch == make_config("cpu").batch
 
 
 def test_a_finished_run_is_reused_and_a_stopped_one_resumed(tmp_path, monkeypatch):

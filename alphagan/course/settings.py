@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from alphagan.checkpoint import list_checkpoints
-from alphagan.config import MODELS, Config
+from alphagan.config import MODELS, Config, make_config
 from alphagan.device import pick_device, pick_dtype
 from alphagan.runs import TrainResult, checkpoints_of, finished_run, stopped_run
 from alphagan.train import train
@@ -43,6 +43,14 @@ class Course:
     # about 1 000 iterations to make brain-shaped volumes from scratch, a few hundred from 03's.
     warm_start: bool
     min_iters: int  # from random weights, fewer do not make brain-shaped volumes (anatomy.brain_shape)
+    # 04: generated volumes whose tissue volumes are measured (a segmentation each: the slow part of `evaluate`)
+    anatomy_table1: int = 16
+    anatomy_latents: int = 8
+    decoy_repetitions: int = 20  # 04: the paper's MMD on the decoys, a fifth of Table 1's 100 repetitions
+
+    def resume_iters(self, iters: int) -> int:
+        """Notebook 03's resume demonstration: a fiftieth of the run it continues, at least one iteration."""
+        return max(1, iters // 50)
 
 
 COHORTS = ("tumor:flair", "tumor:t2", "stroke:t1")
@@ -80,6 +88,13 @@ def course_settings(profile: str, **overrides: Any) -> Course:
     if profile not in COURSE:
         raise ValueError(f"profile must be one of {sorted(COURSE)}, got {profile!r}")
     return Course(**{**COURSE[profile], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def class_config(profile: str, n_real: int, iters: int | None, seed: int) -> Config:
+    """Notebook 06's generator of one class: the profile's run on its `n_real` subjects, in batches no larger
+    than that."""
+    batch = min(make_config(profile).batch, n_real)
+    return make_config(profile, iters=iters, n_subjects=n_real, batch=batch, seed=seed)
 
 
 def device_banner(profile: str, cfg: Config, why: str = "as asked") -> str:
