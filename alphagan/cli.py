@@ -1,4 +1,7 @@
-"""`python -m alphagan COMMAND ...`: synth, prepare, train, sample, evaluate, course, results."""
+"""`python -m alphagan COMMAND ...`: synth, prepare, train, sample, evaluate, course, results.
+
+Each command imports its module when it runs, so that `--help` and a wrong flag answer without loading PyTorch.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from alphagan.config import (
     Config,
     SettingError,
     check,
+    make_config,
 )
 
 # The `train` options that set a Config field of the same name, with their help texts.
@@ -87,7 +91,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from alphagan.config import make_config
     from alphagan.data.dataset import Source
     from alphagan.device import choose_profile
     from alphagan.steps import TrainingDiverged

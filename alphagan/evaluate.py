@@ -28,8 +28,10 @@ from alphagan.data.dataset import Source, load_training_volumes
 from alphagan.data.space import cube_affine
 from alphagan.device import pick_device
 from alphagan.folders import atomic, claim
+from alphagan.progress import tqdm
 from alphagan.runs import run_of, saved_config
 from alphagan.sampling import generate, generator_of
+from alphagan.viz import nearest_pairs, pca_scatter, save_figure, use_headless_backend, volume_histograms
 
 HELD_OUT_SEED_OFFSET = 10_000  # synthetic held-out subjects: a cohort seed no training run uses by default
 QUANTITIES = ("brain_ml", "gm_ml", "wm_ml", "csf_ml")
@@ -49,11 +51,14 @@ def _run_data(checkpoint: str | Path) -> str | None:
     return data
 
 
-def real_volumes(real: str, size: int, n: int, training_seed: int = 0) -> tuple[np.ndarray, float, str]:
-    """Held-out real volumes, their cube edge in mm, and a sentence saying what they are."""
+def real_volumes(
+    real: str, size: int, n: int, training_seed: int = 0, progress: bool = True
+) -> tuple[np.ndarray, float, str]:
+    """Held-out real volumes, their cube edge in mm, and a sentence saying what they are (`progress`: a bar while
+    a synthetic held-out cohort is made)."""
     if Source.parse(real).synthetic:
         seed = training_seed + HELD_OUT_SEED_OFFSET
-        volumes, fov = load_training_volumes(real, size, n, seed=seed, progress=False)
+        volumes, fov = load_training_volumes(real, size, n, seed=seed, progress=progress)
         return volumes, fov, f"{n} synthetic subjects of cohort seed {seed} ({real}), never seen in training"
     volumes, fov = load_training_volumes(real, size, n, progress=False)
     return np.asarray(volumes[:n]), fov, f"the first {min(n, len(volumes))} volumes of the cache {real}"
@@ -156,8 +161,6 @@ def evaluate(
 ) -> dict:
     """Evaluate each checkpoint against held-out real data; write the figures and tables into `out` (a folder
     claimed as `alphagan.folders.claim` says: new, empty, or an earlier evaluation); return the results."""
-    from alphagan.viz import use_headless_backend
-
     use_headless_backend()
     source = Source.parse(real)  # a bad --real is named before any model is loaded
     if not source.synthetic:
@@ -178,60 +181,55 @@ EVALUATE_FILES = ("results.json", "table.md", "pca.png", "volumes.png", "nearest
 
 def _evaluate(source: Source, ev: Evaluation, states: list[dict], out: Path, device: str) -> dict:
     """`evaluate` once its folder is claimed, with the checkpoints' `states`."""
-    from alphagan.progress import tqdm
-
     models = [generator_of(state, device) for state in states]
     sizes = {cfg.size for _, cfg, _ in models}
     if len(sizes) != 1:
         raise ValueError(f"the checkpoints generate different sizes {sorted(sizes)}; evaluate them separately")
     size = sizes.pop()
     _check_memory(ev.n, size, len(models))
-    real = _real_side(ev, size, training_seed=models[0][1].seed)
-    m = len(real.volumes)  # the paper's B = 8 unless fewer real volumes are at hand, and no more pairs than exist
-    ev = replace(ev, mmd_batch=min(ev.mmd_batch, m), pairs=min(ev.pairs, m * (m - 1) // 2))
-    real.row["ms_ssim"], real.row["ms_ssim_std"] = metrics.diversity(real.volumes, ev.pairs, seed=ev.seed)
-    results: dict = {
-        "real": real.row,
-        "models": {},
-        "sampling": "generators in eval mode, BatchNorm statistics recomputed on N(0, I) codes",
-        "settings": {
-            "n": ev.n,
-            "pairs": ev.pairs,
-            "mmd_batch": ev.mmd_batch,
-            "mmd_repetitions": ev.mmd_repetitions,
-            "ms_ssim": asdict(metrics.ms_ssim_settings(size)),
-            "contrast": ev.contrast,
-        },
-    }
-    if not source.synthetic and any(_run_data(c) == str(source) for c in ev.checkpoints):
-        warning = f"{source.cache} is the training set of at least one model: not held out"
-        results["real"]["warning"] = warning
-        warnings.warn(warning, stacklevel=2)
-    feature_net = features.load_feature_network(ev.features).to(device) if ev.features else None
+    # One bar from the first second: the real side (a synthetic one is made here) is often the longest step.
+    with tqdm(total=len(models) + 1, desc="evaluate: the real side", unit="set") as bar:
+        real = _real_side(ev, size, training_seed=models[0][1].seed)
+        m = len(real.volumes)  # the paper's B = 8 unless fewer real volumes are at hand, and no more pairs than exist
+        ev = replace(ev, mmd_batch=min(ev.mmd_batch, m), pairs=min(ev.pairs, m * (m - 1) // 2))
+        real.row["ms_ssim"], real.row["ms_ssim_std"] = metrics.diversity(real.volumes, ev.pairs, seed=ev.seed)
+        bar.update()
+        results: dict = {
+            "real": real.row,
+            "models": {},
+            "sampling": "generators in eval mode, BatchNorm statistics recomputed on N(0, I) codes",
+            "settings": {
+                "n": ev.n,
+                "pairs": ev.pairs,
+                "mmd_batch": ev.mmd_batch,
+                "mmd_repetitions": ev.mmd_repetitions,
+                "ms_ssim": asdict(metrics.ms_ssim_settings(size)),
+                "contrast": ev.contrast,
+            },
+        }
+        if not source.synthetic and any(_run_data(c) == str(source) for c in ev.checkpoints):
+            warning = f"{source.cache} is the training set of at least one model: not held out"
+            results["real"]["warning"] = warning
+            warnings.warn(warning, stacklevel=2)
+        feature_net = features.load_feature_network(ev.features).to(device) if ev.features else None
 
-    generated, tissues, nearest = {}, {}, {}
-    for checkpoint, (G, cfg, state) in tqdm(list(zip(ev.checkpoints, models)), desc="evaluate", unit="model"):
-        name = _name(cfg, set(generated))
-        generated[name] = generate(G, m, cfg.latent, seed=ev.seed + 1)[:, 0].numpy()
-        fake_affine = cube_affine(size, state.get("fov_mm", real.fov_mm))
-        tissues[name] = [anatomy.tissue_volumes(v, fake_affine, ev.contrast) for v in generated[name][: ev.n_anatomy]]
-        row = {"checkpoint": checkpoint, "iteration": state["iter"], "model": cfg.model, "latent": cfg.latent}
-        row |= _compared(generated[name], tissues[name], real, ev)
-        training = _run_data(checkpoint)
-        if training is not None:
-            train_set, _ = load_training_volumes(training, size, cfg.n_subjects, seed=cfg.seed, progress=False)
-            memo = metrics.memorisation(generated[name], np.asarray(train_set), real.volumes)
-            row["memorisation"] = {
-                "training_data": training,
-                "nn_ratio": memo.ratio,
-                "closer_than_heldout": memo.closer_than_heldout,
-                "median_nn_generated": float(np.median(memo.generated_nn)),
-                "median_nn_heldout": float(np.median(memo.heldout_nn)),
-            }
-            nearest[name] = (np.asarray(train_set), memo)
-        if feature_net is not None:
-            row["frechet"] = features.frechet_feature_distance(feature_net, real.volumes, generated[name])
-        results["models"][name] = row
+        generated, tissues, nearest = {}, {}, {}
+        for checkpoint, (G, cfg, state) in zip(ev.checkpoints, models):
+            name = _name(cfg, set(generated))
+            bar.set_description(f"evaluate: {name}")
+            generated[name] = generate(G, m, cfg.latent, seed=ev.seed + 1)[:, 0].numpy()
+            fake_affine = cube_affine(size, state.get("fov_mm", real.fov_mm))
+            shown = generated[name][: ev.n_anatomy]
+            tissues[name] = [anatomy.tissue_volumes(v, fake_affine, ev.contrast) for v in shown]
+            row = {"checkpoint": checkpoint, "iteration": state["iter"], "model": cfg.model, "latent": cfg.latent}
+            row |= _compared(generated[name], tissues[name], real, ev)
+            training = _run_data(checkpoint)
+            if training is not None:
+                row["memorisation"], nearest[name] = _memorisation(training, cfg, generated[name], real.volumes)
+            if feature_net is not None:
+                row["frechet"] = features.frechet_feature_distance(feature_net, real.volumes, generated[name])
+            results["models"][name] = row
+            bar.update()
 
     _figures(out, real, generated, tissues, nearest, results, ev.seed)
     with atomic(out / "results.json") as tmp:
@@ -239,6 +237,21 @@ def _evaluate(source: Source, ev: Evaluation, states: list[dict], out: Path, dev
     with atomic(out / "table.md") as tmp:
         tmp.write_text(markdown_table(results))
     return results
+
+
+def _memorisation(training: str, cfg: Config, generated: np.ndarray, heldout: np.ndarray) -> tuple[dict, tuple]:
+    """How much closer a model's volumes lie to its own training set than held-out subjects do, as a row of the
+    results, and the training set with the measurement (for the nearest-neighbour figure)."""
+    train_set, _ = load_training_volumes(training, cfg.size, cfg.n_subjects, seed=cfg.seed, progress=False)
+    memo = metrics.memorisation(generated, np.asarray(train_set), heldout)
+    row = {
+        "training_data": training,
+        "nn_ratio": memo.ratio,
+        "closer_than_heldout": memo.closer_than_heldout,
+        "median_nn_generated": float(np.median(memo.generated_nn)),
+        "median_nn_heldout": float(np.median(memo.heldout_nn)),
+    }
+    return row, (np.asarray(train_set), memo)
 
 
 def _mean_tissue(tissue: list[dict[str, float]]) -> dict[str, float]:
@@ -296,8 +309,6 @@ def _figures(
 ) -> None:
     """pca.png, volumes.png and nearest.png (the first model with a training set). Saved, not shown: a notebook
     shows the files where its text introduces them."""
-    from alphagan.viz import nearest_pairs, pca_scatter, save_figure, volume_histograms
-
     real_2d, projected, variance = metrics.pca_projection(real.volumes, generated, seed=seed)
     results["pca_explained_variance"] = [float(v) for v in variance]
     save_figure(pca_scatter(real_2d, projected, variance), out / "pca.png")

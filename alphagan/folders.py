@@ -4,7 +4,8 @@
   marked as their own by `.alphagan.json` (the command, its settings and the names it writes, listed before they
   are written). A second call with the same settings writes the same files again; other settings, another
   command's folder or files no command wrote are refused in one line. `overwrite` deletes only the listed names,
-  and never a path that another argument of the same call points into (`keep`).
+  and never a path that another argument of the same call points into (`keep`). That rule is `refusal`, and
+  `prepare` applies it to its caches too (a folder of nothing but cache files is its own).
 - The claim holds a lock for as long as the command writes, so a second writer on the folder is refused.
 - `atomic`: a file is written under a temporary name and renamed, so a reader never sees half of it; on any
   failure the temporary file is removed, and a full disk becomes one line naming the folder. Temporary files of
@@ -234,8 +235,9 @@ def take_lock(path: Path, busy: str, error: type[Exception] = FolderRefused) -> 
     return lock
 
 
-def _refusal(folder: Path, command: str, record: dict | None, settings: dict, resume: bool, again: bool) -> str | None:
-    """Why `command` may not write into `folder` as it is (None: it may)."""
+def refusal(folder: Path, command: str, record: dict | None, settings: dict, resume: bool, again: bool) -> str | None:
+    """The one ownership rule: why `command` may not write into `folder` as it is (None: it may), given the
+    folder's ownership `record` (`owner_record`; `prepare` reads its cache's own) and this call's `settings`."""
     if record is None:
         names = (p.name for p in folder.iterdir())
         entries = sorted(n for n in names if n not in (MANIFEST, LOCK) and not _TEMPORARY.match(n))
@@ -254,7 +256,8 @@ def _refusal(folder: Path, command: str, record: dict | None, settings: dict, re
     if record["settings"] == settings:
         return None
     changed = sorted(k for k in {*record["settings"], *settings} if record["settings"].get(k) != settings.get(k))
-    what = f"other settings ({', '.join(changed)})" if changed else "the same settings"
+    held = ", ".join(f"{k} {record['settings'].get(k)}" for k in changed)
+    what = f"other settings ({held})" if changed else "the same settings"
     return f"holds an earlier `alphagan {command}` with {what}; add --overwrite to replace it, or choose another --out"
 
 
@@ -294,7 +297,7 @@ def claim(
     folder.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
     settings = json.loads(json.dumps(settings))  # as the manifest will hold them
     record = owner_record(folder)
-    reason = _refusal(folder, command, record, settings, resume, again)
+    reason = refusal(folder, command, record, settings, resume, again)
     if reason is not None and not (overwrite and record is not None and record["command"] == command):
         raise FolderRefused(f"{folder}: {reason}")
     lock = take_lock(folder / LOCK, f"{folder}: another command is writing here; wait for it to finish")

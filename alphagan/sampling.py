@@ -26,6 +26,8 @@ from alphagan.data.space import DEFAULT_FOV_MM, GENERATED_MARK, cube_affine, wri
 from alphagan.device import pick_device
 from alphagan.folders import claim
 from alphagan.models import Generator
+from alphagan.progress import tqdm
+from alphagan.viz import cuts_grid, save_figure, use_headless_backend
 
 
 @torch.no_grad()
@@ -93,9 +95,6 @@ def write_samples(
 ) -> tuple[Path, Config, dict]:
     """`python -m alphagan sample`: n volumes of a checkpoint's generator as NIfTI files in `out` (claimed as
     `alphagan.folders.claim` says), written as they are generated, and samples.png of the first 32."""
-    from alphagan.progress import tqdm
-    from alphagan.viz import cuts_grid, save_figure, use_headless_backend
-
     use_headless_backend()
     path, state = open_checkpoint(checkpoint)
     path = path.resolve()

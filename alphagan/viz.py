@@ -19,6 +19,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from alphagan.folders import atomic
 from alphagan.progress import saved_run
 
 PLANES = ("sagittal", "coronal", "axial")
@@ -55,8 +56,6 @@ def plane_slice(volume, plane: str, index: int | None = None) -> np.ndarray:
 def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
     """Save `fig` to `path` atomically (`alphagan.folders.atomic`), cropped to what it draws, and close it."""
     import matplotlib.pyplot as plt
-
-    from alphagan.folders import atomic
 
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")

@@ -263,7 +263,8 @@ def test_a_second_synth_with_other_settings_needs_overwrite_which_deletes_only_i
     first = _snapshot(out)
     assert main([*SYNTH, "--out", str(out), "--seed", "1"]) == 0  # the same settings: the same files again
     assert _snapshot(out) == first
-    _fails(capsys, [*SYNTH, "--out", str(out), "--seed", "2", "--n", "3"], "other settings (n, seed)", "--overwrite")
+    argv = [*SYNTH, "--out", str(out), "--seed", "2", "--n", "3"]
+    _fails(capsys, argv, "other settings (n 2, seed 1)", "--overwrite")
     assert _snapshot(out) == first
     (out / "notes.txt").write_text("mine")
     assert main([*SYNTH, "--out", str(out), "--seed", "2", "--n", "1", "--overwrite"]) == 0
@@ -298,7 +299,7 @@ def test_sample_replaces_earlier_samples_only_when_told_and_then_only_its_own(tm
     assert main(["sample", "--checkpoint", str(run / "checkpoints"), "--n", "3", "--out", str(out)]) == 0
     before = _snapshot(out)
     argv = ["sample", "--checkpoint", str(run / "checkpoints"), "--n", "2", "--out", str(out)]
-    _fails(capsys, argv, "other settings (n)", "--overwrite")
+    _fails(capsys, argv, "other settings (n 3)", "--overwrite")
     assert _snapshot(out) == before
     (out / "keep.txt").write_text("mine")
     assert main([*argv, "--overwrite"]) == 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from alphagan.course.plan import plan_course
 from alphagan.device import choose_profile, machine
+from alphagan.evaluate import plain
 from alphagan.folders import atomic, claim
 from alphagan.progress import SAVED_RUN
 
@@ -91,8 +92,6 @@ def _caption(figure: Path, notebook: str) -> str:
 
 
 def _number(value) -> str:
-    from alphagan.evaluate import plain
-
     return plain(value) if isinstance(value, float) else str(value)
 
 

@@ -21,6 +21,7 @@ import torch
 from alphagan.data.space import normalise, to_cube
 from alphagan.data.synth import make_subject
 from alphagan.folders import atomic_folder, end_with_parent, recover_folder, reserved_array
+from alphagan.progress import tqdm
 
 CACHE_VERSION = 2  # 2: the manifest column cube_mm is called fov_mm, like everywhere else
 CACHE_FILES = frozenset({"volumes.npy", "manifest.tsv", "rejected.tsv", "settings.json"})
@@ -173,8 +174,6 @@ def synthetic_cache(
 ) -> Path:
     """The cache folder of a synthetic cohort, made once (in parallel processes) and reused by every later call
     with the same settings. It has the layout of a `prepare` cache, so `load_cache` reads it."""
-    from alphagan.progress import tqdm
-
     folder = cache_root() / f"synth-{kind}-{contrast}-{size}-n{n}-seed{seed}-{_synthesis_version()}"
     if (folder / "settings.json").exists():
         return folder

@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from alphagan.progress import tqdm
+
 
 @dataclass(frozen=True)
 class Archive:
@@ -64,8 +66,6 @@ def md5sum(path: str | Path) -> str:
 
 def fetch(url: str, dest: str | Path, md5: str | None = None, progress: bool = True, timeout: float = 60.0) -> Path:
     """Download `url` to `dest`, continuing a partial `dest.part` if there is one, then verify its MD5."""
-    from alphagan.progress import tqdm
-
     dest = Path(dest)
     if dest.exists() and (md5 is None or md5sum(dest) == md5):
         return dest

@@ -38,6 +38,7 @@ from alphagan.folders import (
     atomic_folder,
     end_with_parent,
     recover_folder,
+    refusal,
     reserved_array,
     take_lock,
 )
@@ -385,29 +386,36 @@ def _read_previous(out: Path, settings: Settings) -> dict[tuple[str, int, str], 
 
 
 def _check_out(src: str, out: Path, settings: Settings, overwrite: bool) -> None:
-    """`prepare` writes only into a folder that is absent, empty or a cache of its own (with other settings only
-    with `overwrite`), and never over its inputs."""
+    """`prepare` writes only where `folders.refusal`, the rule of every command, lets it (a cache of its own counts
+    as its own, and one of other settings is replaced only with `overwrite`), and never over its inputs."""
     root = Path(re.split(r"[*?\[]", src)[0]) if _is_pattern(src) else Path(src)
     root, target = root.resolve(), out.resolve()
     if target == root or target in root.parents:
         raise ValueError(f"{out}: the inputs ({src}) lie inside this folder; choose an --out outside them")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in CACHE_FILES) if out.is_dir() else []
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ValueError(f"{out}: holds files that are not a prepare cache ({shown}); choose an empty or new --out")
+    if not out.is_dir():
+        return
+    record = _cache_record(out, settings)
+    reason = refusal(out, "prepare", record, asdict(settings), resume=False, again=True)
+    if reason is not None and not (overwrite and record is not None):
+        raise FolderRefused(f"{out}: {reason}")
+
+
+def _cache_record(out: Path, settings: Settings) -> dict | None:
+    """A cache's ownership record, as `folders.owner_record` gives a claimed folder's: a folder holding nothing
+    but cache files is `prepare`'s, with the settings its settings.json holds (a damaged one, which a complete run
+    replaces, as if this call's); None for any other folder."""
+    names = {p.name for p in out.iterdir()}
+    if not names or not names <= CACHE_FILES:
+        return None
+    asked = asdict(settings)
     try:
-        earlier = json.loads((out / "settings.json").read_text())
-    except (OSError, ValueError):
-        return  # no cache yet, or a damaged one that a complete run replaces
-    changed = sorted(k for k, v in asdict(settings).items() if earlier.get(k) != v)
-    if changed and not overwrite:
-        was = ", ".join(f"{k} {earlier.get(k)}" for k in changed)
-        raise FolderRefused(
-            f"{out}: holds a cache prepared with other settings ({was}); add --overwrite to replace it, or choose "
-            f"another --out"
-        )
+        saved = json.loads((out / "settings.json").read_text())
+        earlier = {k: saved.get(k) for k in asked}  # the rest (percentile, version) is the code's, not the user's
+    except (OSError, ValueError, AttributeError):
+        earlier = asked
+    return {"command": "prepare", "settings": earlier, "writes": sorted(CACHE_FILES)}
 
 
 @contextlib.contextmanager

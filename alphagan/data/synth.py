@@ -35,6 +35,7 @@ from scipy.spatial.transform import Rotation
 from alphagan.config import CONTRASTS, KINDS
 from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, voxel_ml, write_nifti
 from alphagan.folders import DiskFull, atomic, claim
+from alphagan.progress import tqdm
 
 NATIVE = 0  # size value meaning "the template's own 1 mm grid (197 x 233 x 189)"
 
@@ -376,8 +377,6 @@ def make_cohort(
     """Write `n` subjects as NIfTI files and `participants.tsv` of their factors into `out`, a folder that is new,
     empty or an earlier cohort of this function's (`alphagan.folders.claim`: other settings need `overwrite`)."""
     from concurrent.futures import Future, ThreadPoolExecutor
-
-    from alphagan.progress import tqdm
 
     if n < 1:
         raise ValueError(f"a cohort needs at least one subject, got n={n}")
