@@ -2,9 +2,9 @@
 
 Used by every notebook: its parameters cell names a profile.
 
-One place defines what `smoke`, `cpu`, `gpu` and `paper` mean, for a training run (`PROFILES`) and for the
-course's notebooks (`COURSE`), so that a notebook's `parameters` cell only has to name a profile and, optionally,
-override a few fields.
+What `smoke`, `cpu`, `gpu` and `paper` mean for a training run (`PROFILES`); `alphagan.course.settings.Profile`
+joins it with what they mean for the course's notebooks, so that a notebook's `parameters` cell only has to name
+a profile and, optionally, override a few fields.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")  # fold
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # `evaluate`'s defaults, for its function and its command line: the paper's 512 volumes a side and MMD batch 8.
 EVALUATE_DEFAULTS: dict[str, int] = {"n": 512, "pairs": 1000, "mmd_batch": 8, "mmd_repetitions": 100, "n_anatomy": 64}
-GPU_ITERS = 2000  # per model in the `gpu` profile; the course runner's plan says what that costs on your GPU
 
 
 @dataclass(frozen=True)
@@ -205,11 +204,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         ckpt_every=500,
         keep_ckpts=1,
     ),
-    # One GPU: the paper's networks at 64^3; `course --minutes` scales the iterations to a GPU's speed. 256 synthetic
+    # One GPU: the paper's networks at 64^3, 2 000 iterations per model (`course --minutes` scales them to a GPU's
+    # speed; 17.5 it/s on an H200, docs/results_gpu.md). 256 synthetic
     # subjects, not the paper's 991: the cohort is made in about 15 s on 16 cores instead of 55 (bench/gpu_check.py,
     # section cohort). A course run keeps one checkpoint per model (1.4 GB each at the paper's size); long runs keep
     # three, so that a damaged last checkpoint still leaves one to resume from.
-    "gpu": dict(PAPER_NETWORKS, iters=GPU_ITERS, n_subjects=256, ckpt_every=1000, keep_ckpts=1),
+    "gpu": dict(PAPER_NETWORKS, iters=2000, n_subjects=256, ckpt_every=1000, keep_ckpts=1),
     # The paper's full schedule: 100 000 iterations.
     "paper": dict(PAPER_NETWORKS, iters=100_000, ckpt_every=2000),
 }

@@ -7,12 +7,13 @@ import pytest
 from alphagan.cli import main
 from alphagan.config import make_config
 from alphagan.course import plan as course_plan
-from alphagan.course.settings import course_settings
+from alphagan.course.settings import Profile, course_settings
 
 
 def test_the_plan_lists_every_training_run_the_notebooks_make():
-    runs = course_plan.training_runs("cpu")
-    cfg, settings = make_config("cpu"), course_settings("cpu")
+    profile = Profile.of("cpu")
+    runs, cfg, settings = profile.runs(), profile.config, profile.course
+    assert cfg == make_config("cpu") and settings == course_settings("cpu")
     assert [len(runs[nb]) for nb in ("03", "04", "05", "06")] == [2, 5, 3, 2]  # 04: 3 baselines + z100, z2048
     assert {(r.model, r.latent) for r in runs["04"]} == {
         ("alpha-gan", 1000), ("wgan-gp", 1000), ("vae-gan", 1000), ("alpha-wgan-gp", 100), ("alpha-wgan-gp", 2048)

@@ -16,35 +16,11 @@ import torch
 
 from alphagan import config
 from alphagan.config import make_config
-from alphagan.course.settings import course_settings
+from alphagan.course.settings import Profile, TrainingRun
 from alphagan.data.dataset import Batches
 from alphagan.device import GRAPH_WARMUP, Graphed, fastest_kernels, pick_device, pick_dtype, use_graphs
 from alphagan.models import build_networks
 from alphagan.steps import UPDATES, iteration, optimisers, update_steps
-
-
-@dataclass(frozen=True)
-class TrainingRun:
-    """One training run a notebook makes: the model, latent size and whether it is the paper as written (what an
-    iteration costs), its iterations, and whether it starts from random weights (then the profile's floor
-    applies) or fine-tunes notebook 03's."""
-
-    model: str
-    latent: int
-    iters: int
-    from_scratch: bool = True
-    as_written: bool = False  # `config.as_written`: notebook 03's comparison run, without LEARNS
-
-    @property
-    def kind(self) -> tuple[str, int, bool]:
-        """What decides the cost of one of its iterations."""
-        return self.model, self.latent, self.as_written
-
-    @property
-    def label(self) -> str:
-        """How the plan's table names it."""
-        latent = f" z{self.latent}" if self.latent != 1000 else ""
-        return self.model + latent + (" as written" if self.as_written else "")
 
 
 @dataclass
@@ -125,24 +101,6 @@ def probe_seconds() -> float:
     return time.perf_counter() - start
 
 
-def training_runs(profile: str, iters: dict[str, int] | None = None) -> dict[str, list[TrainingRun]]:
-    """The training runs of notebooks 03-06 at `profile` (`iters`: a notebook's iterations instead of the
-    profile's), as the notebooks make them."""
-    course, cfg = course_settings(profile), make_config(profile)
-    own = iters or {}
-    it = {nb: own.get(nb, default) for nb, default in (("03", cfg.iters), ("04", cfg.iters),
-          ("05", course.diseased_iters or cfg.iters), ("06", course.aug_iters or cfg.iters))}  # fmt: skip
-    scratch = not course.warm_start
-    runs = {"03": [TrainingRun("alpha-wgan-gp", cfg.latent, it["03"], as_written=w) for w in (False, True)]}
-    others = [TrainingRun(m, cfg.latent, it["04"]) for m in course.eval_models if m != "alpha-wgan-gp"]
-    latents = [TrainingRun("alpha-wgan-gp", z, it["04"]) for z in course.latents if z != cfg.latent]
-    if others or latents:
-        runs["04"] = others + latents
-    runs["05"] = [TrainingRun("alpha-wgan-gp", cfg.latent, it["05"], scratch)] * len(course.diseased_cohorts)
-    runs["06"] = [TrainingRun("alpha-wgan-gp", cfg.latent, it["06"], scratch)] * 2  # one generator per class
-    return runs
-
-
 class TimedStep:
     """One training iteration of `cfg`, built as `train()` builds it (the same updates, fused Adam, CUDA graphs
     where `train()` uses them), on random volumes: what the plan times, and `bench/roofline.py` measures."""
@@ -198,7 +156,8 @@ def plan_course(profile: str, minutes: float | None = None, only: list[str] | No
     `only` (default: all six) from `probe_seconds`; with `minutes`, scale every notebook's iterations so that
     training fits them. Raises ValueError when that falls below the profile's floor."""
     notebooks = only or [f"{i:02d}" for i in range(1, 7)]
-    runs = {nb: r for nb, r in training_runs(profile).items() if nb in notebooks}
+    whole = Profile.of(profile)
+    runs = {nb: r for nb, r in whole.runs().items() if nb in notebooks}
     units = OTHER_WORK.get(profile, {})
     probe = probe_seconds() if units.keys() & set(notebooks) else 0.0  # a fresh Python: only when it is used
     other = {nb: units[nb] * probe if nb in units else None for nb in notebooks}
@@ -210,7 +169,7 @@ def plan_course(profile: str, minutes: float | None = None, only: list[str] | No
         return plan
     scale = minutes / planned
     iters = {nb: max(1, int(rs[0].iters * scale)) for nb, rs in runs.items()}
-    floor = course_settings(profile).min_iters
+    floor = whole.course.min_iters
     short = [nb for nb, rs in runs.items() if rs[0].from_scratch and iters[nb] < floor]
     if short:
         needed = math.ceil(max(floor / rs[0].iters for nb, rs in runs.items() if nb in short) * planned)
@@ -219,5 +178,5 @@ def plan_course(profile: str, minutes: float | None = None, only: list[str] | No
             f"below the {profile} profile's floor of {floor} (fewer do not make brain-shaped volumes); give "
             f"--minutes {needed} or more, or a smaller profile"
         )
-    scaled = training_runs(profile, iters)
+    scaled = whole.runs(iters)
     return Plan(profile, {nb: scaled[nb] for nb in runs}, plan.seconds, other)

@@ -1,5 +1,6 @@
-"""What the course's notebooks do at each profile besides one training run's `Config` (`COURSE`), the banner
-each notebook opens with, where a later notebook finds notebook 03's run, and the reuse of finished runs that lets
+"""What the course's notebooks do at each profile besides one training run's `Config` (`COURSE`), a profile
+whole (`Profile`: its `Config`, its `Course` and the training runs the notebooks make), the banner each notebook
+opens with, where a later notebook finds notebook 03's run, and the reuse of finished runs that lets
 notebooks 04-06 skip training what an earlier notebook (or an earlier course run) already trained.
 """
 
@@ -88,6 +89,61 @@ def course_settings(profile: str, **overrides: Any) -> Course:
     if profile not in COURSE:
         raise ValueError(f"profile must be one of {sorted(COURSE)}, got {profile!r}")
     return Course(**{**COURSE[profile], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training run a notebook makes: the model, latent size and whether it is the paper as written (what an
+    iteration costs), its iterations, and whether it starts from random weights (then the profile's floor
+    applies) or fine-tunes notebook 03's."""
+
+    model: str
+    latent: int
+    iters: int
+    from_scratch: bool = True
+    as_written: bool = False  # `config.as_written`: notebook 03's comparison run, without LEARNS
+
+    @property
+    def kind(self) -> tuple[str, int, bool]:
+        """What decides the cost of one of its iterations."""
+        return self.model, self.latent, self.as_written
+
+    @property
+    def label(self) -> str:
+        """How the plan's table names it."""
+        latent = f" z{self.latent}" if self.latent != 1000 else ""
+        return self.model + latent + (" as written" if self.as_written else "")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A profile whole, under one name: one training run's settings (`config`, from `config.PROFILES`), what the
+    course's notebooks do besides (`course`, from `COURSE`), and the training runs they make (`runs`)."""
+
+    name: str
+    config: Config
+    course: Course
+
+    @classmethod
+    def of(cls, name: str, **course_overrides: Any) -> Profile:
+        """The profile `name`; `course_overrides` that are None keep its course settings (`course_settings`)."""
+        return cls(name, make_config(name), course_settings(name, **course_overrides))
+
+    def runs(self, iters: dict[str, int] | None = None) -> dict[str, list[TrainingRun]]:
+        """The training runs of notebooks 03-06, as the notebooks make them (`iters`: a notebook's iterations
+        instead of the profile's)."""
+        course, cfg, own = self.course, self.config, iters or {}
+        it = {nb: own.get(nb, default) for nb, default in (("03", cfg.iters), ("04", cfg.iters),
+              ("05", course.diseased_iters or cfg.iters), ("06", course.aug_iters or cfg.iters))}  # fmt: skip
+        scratch = not course.warm_start
+        runs = {"03": [TrainingRun("alpha-wgan-gp", cfg.latent, it["03"], as_written=w) for w in (False, True)]}
+        others = [TrainingRun(m, cfg.latent, it["04"]) for m in course.eval_models if m != "alpha-wgan-gp"]
+        latents = [TrainingRun("alpha-wgan-gp", z, it["04"]) for z in course.latents if z != cfg.latent]
+        if others or latents:
+            runs["04"] = others + latents
+        runs["05"] = [TrainingRun("alpha-wgan-gp", cfg.latent, it["05"], scratch)] * len(course.diseased_cohorts)
+        runs["06"] = [TrainingRun("alpha-wgan-gp", cfg.latent, it["06"], scratch)] * 2  # one generator per class
+        return runs
 
 
 def class_config(profile: str, n_real: int, iters: int | None, seed: int) -> Config:
