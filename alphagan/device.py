@@ -35,6 +35,15 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def describe(device: torch.device) -> str:
+    """A device in a few words, for a banner: "GPU (NVIDIA H200)", "Apple GPU (MPS)" or "CPU (2 cores)"."""
+    if device.type == "cuda":
+        return f"GPU ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
 def _mps() -> bool:
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 

@@ -167,6 +167,9 @@ def evaluate(
         load_cache(source.cache)
     opened = [open_checkpoint(c) for c in checkpoints]  # loaded once; a folder's damaged newest is passed over
     files = tuple(str(path.resolve()) for path, _ in opened)
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:  # two rows of one model would read as two models that agree
+        raise ValueError(f"--checkpoint: {twice[0]} is given twice (a folder names its newest); give each model once")
     ev = Evaluation(
         str(source), files, n, pairs, mmd_batch, mmd_repetitions, n_anatomy, contrast, feature_weights, seed
     )

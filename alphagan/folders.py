@@ -275,6 +275,29 @@ def _delete_listed(folder: Path, record: dict, keep: dict[str, Path]) -> None:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def check_claim(
+    folder: Path,
+    command: str,
+    settings: dict[str, Any],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    again: bool = True,
+) -> dict | None:
+    """What `claim` checks first, without making, locking or changing anything, for a command that would rather
+    refuse before long work (the course runner times models first): raises `FolderRefused` where `claim` would
+    refuse; returns the folder's ownership record (None for a new or unclaimed folder)."""
+    if folder.exists() and not folder.is_dir():
+        raise FolderRefused(f"{folder}: exists and is not a folder; choose another --out")
+    if not folder.exists():
+        return None
+    record = owner_record(folder)
+    reason = refusal(folder, command, record, json.loads(json.dumps(settings)), resume, again)
+    if reason is not None and not (overwrite and record is not None and record["command"] == command):
+        raise FolderRefused(f"{folder}: {reason}")
+    return record
+
+
 def claim(
     folder: str | Path,
     command: str,
@@ -292,14 +315,9 @@ def claim(
     (`train`: a new run must not mix with the last). `keep`: the paths the call reads, by argument (`{"--init": ...}`),
     which `overwrite` must spare."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FolderRefused(f"{folder}: exists and is not a folder; choose another --out")
+    record = check_claim(folder, command, settings, resume=resume, overwrite=overwrite, again=again)
     folder.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
     settings = json.loads(json.dumps(settings))  # as the manifest will hold them
-    record = owner_record(folder)
-    reason = refusal(folder, command, record, settings, resume, again)
-    if reason is not None and not (overwrite and record is not None and record["command"] == command):
-        raise FolderRefused(f"{folder}: {reason}")
     lock = take_lock(folder / LOCK, f"{folder}: another command is writing here; wait for it to finish")
     try:
         remove_temporaries(folder)

@@ -12,6 +12,7 @@ import pytest
 
 from alphagan.checkpoint import list_checkpoints
 from alphagan.cli import main
+from alphagan.course import runner
 from alphagan.data.prepare import prepare
 
 TRAIN = ["--profile", "smoke", "--iters", "2", "--device", "cpu", "--ckpt-every", "1"]
@@ -205,6 +206,23 @@ def test_sample_and_evaluate_name_their_bad_input(tmp_path, capsys):
         main(["sample", "--checkpoint", str(tmp_path / "other.pt"), "--n", "0", *out])
     argv = ["evaluate", "--real", "synth:nothing", "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path)]
     _fails(capsys, argv, "synth[:kind[:contrast]]")
+
+
+def test_evaluate_refuses_one_model_given_twice(tmp_path, capsys):
+    """A folder and its newest checkpoint are one model: two rows of it would read as two models that agree."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    newest = sorted((run / "checkpoints").glob("ckpt_*.pt"))[-1]
+    argv = ["evaluate", "--real", "synth", "--checkpoint", str(run / "checkpoints"), "--checkpoint", str(newest)]
+    _fails(capsys, [*argv, "--out", str(tmp_path / "e"), "--n", "4"], newest.name, "given twice")
+    assert not (tmp_path / "e").exists()
+
+
+def test_course_refuses_a_folder_it_may_not_write_before_timing_anything(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    monkeypatch.setattr(runner, "plan_course", lambda *a, **k: pytest.fail("timed models first"))
+    _fails(capsys, ["course", "--profile", "smoke", "--only", "02", "--out", str(run)], "alphagan train")
 
 
 def test_course_checks_its_selection_before_creating_anything(tmp_path, capsys):

@@ -20,7 +20,7 @@ from pathlib import Path
 from alphagan.course.plan import plan_course
 from alphagan.device import choose_profile, machine
 from alphagan.evaluate import plain
-from alphagan.folders import atomic, claim
+from alphagan.folders import atomic, check_claim, claim
 from alphagan.progress import SAVED_RUN
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -232,6 +232,7 @@ def run_course(
     run_dir = Path(out) if out else Path("runs") / f"course-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     writes = [name for nb in selected for name in (nb.name, nb.stem)] + ["summary.md", TIMINGS]
     settings = {"profile": profile, "minutes": minutes}
+    check_claim(run_dir, "course", settings, overwrite=overwrite)  # before minutes of timing
     print(f"course: profile {profile} ({why}); timing a few iterations of each model on this machine", flush=True)
     plan = plan_course(profile, minutes, only=[nb.name[:2] for nb in selected])  # refused before anything is made
     budget = f" scaled to {minutes:g} training minutes" if minutes else ""

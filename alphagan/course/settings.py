@@ -6,16 +6,13 @@ notebooks 04-06 skip training what an earlier notebook (or an earlier course run
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from alphagan.checkpoint import list_checkpoints
 from alphagan.config import MODELS, Config, make_config
-from alphagan.device import pick_device, pick_dtype
+from alphagan.device import describe, pick_device, pick_dtype
 from alphagan.runs import TrainResult, checkpoints_of, finished_run, stopped_run
 from alphagan.train import train
 
@@ -156,11 +153,11 @@ def class_config(profile: str, n_real: int, iters: int | None, seed: int) -> Con
 def device_banner(profile: str, cfg: Config, why: str = "as asked") -> str:
     """One line saying where this runs, with which profile and why (`device.choose_profile`), and its settings,
     for the top of a notebook."""
-    where = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = pick_device(cfg.device)
     return (
-        f"{where}: profile {profile} ({why}), {cfg.model}, {cfg.size}³ volumes, width {cfg.width}, "
+        f"{describe(device)}: profile {profile} ({why}), {cfg.model}, {cfg.size}³ volumes, width {cfg.width}, "
         f"latent {cfg.latent}, batch {cfg.batch}, {cfg.iters} iterations, "
-        f"{str(pick_dtype(cfg.precision, pick_device())).removeprefix('torch.')}"
+        f"{str(pick_dtype(cfg.precision, device)).removeprefix('torch.')}"
     )
 
 
