@@ -64,9 +64,6 @@ def real_volumes(
     return np.asarray(volumes[:n]), fov, f"the first {min(n, len(volumes))} volumes of the cache {real}"
 
 
-# Peak memory of the Gaussian MMD per square of --n (`metrics.mmd_gaussian`: the median heuristic's distances
-# among the pooled 2n volumes, their mask and copies, then the three kernel matrices): 134 and 136 bytes, measured
-# as the growth of peak RSS at n = 4000 and 2000.
 BLUR_SIGMA = 1.5  # voxels: notebook 04's blurred copies
 
 
@@ -90,6 +87,9 @@ def decoy_scores(real: np.ndarray, decoy: np.ndarray, pairs: int, repetitions: i
     return {"paper_mmd": paper.mean, "kernel_mmd2": kernel, "ms_ssim": diversity}
 
 
+# Peak memory of the Gaussian MMD per square of --n (`metrics.mmd_gaussian`: the median heuristic's distances
+# among the pooled 2n volumes, their mask and copies, then the three kernel matrices): 134 and 136 bytes, measured
+# as the growth of peak RSS at n = 4000 and 2000.
 PAIRWISE_BYTES = 140
 
 

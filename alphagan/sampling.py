@@ -50,7 +50,6 @@ def calibrated_generator(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def reconstruct(encoder: nn.Module, generator: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """G(E(x)) for a batch of real volumes x, (B, 1, S, S, S) on any device, as float32 on the CPU (like
     `generate`): E in eval mode (the VAE-GAN's posterior mean), G as a throw-away copy in train mode. The
