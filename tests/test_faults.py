@@ -13,6 +13,7 @@ import pytest
 from alphagan.checkpoint import list_checkpoints
 from alphagan.cli import main
 from alphagan.course import runner
+from alphagan.data.cache import cache_root
 from alphagan.data.prepare import prepare
 
 TRAIN = ["--profile", "smoke", "--iters", "2", "--device", "cpu", "--ckpt-every", "1"]
@@ -206,6 +207,12 @@ def test_sample_and_evaluate_name_their_bad_input(tmp_path, capsys):
         main(["sample", "--checkpoint", str(tmp_path / "other.pt"), "--n", "0", *out])
     argv = ["evaluate", "--real", "synth:nothing", "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path)]
     _fails(capsys, argv, "synth[:kind[:contrast]]")
+
+
+def test_a_cohort_smaller_than_one_batch_is_refused_before_it_is_made(tmp_path, capsys):
+    argv = ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN, "--n-subjects", "1"]
+    _fails(capsys, argv, "--n-subjects must be at least one batch (2), got 1")
+    assert not list(cache_root().glob("synth-*-n1-*"))
 
 
 def test_evaluate_refuses_one_model_given_twice(tmp_path, capsys):
