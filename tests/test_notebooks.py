@@ -10,6 +10,7 @@ import nbformat
 import pytest
 
 from alphagan.course.runner import notebooks, run_course
+from alphagan.course.settings import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = notebooks()
@@ -90,6 +91,14 @@ def test_course_runs_every_notebook_in_the_smoke_profile(tmp_path):
     captions = [line for line in summary.splitlines() if line.startswith("*") and line.endswith("`)")]
     assert len(captions) == summary.count("![")
     assert not list(ROOT.glob("notebooks/runs")), "notebooks must write under run_dir only"
+    # The runs the notebooks trained are the ones the course's plan times (`Profile.runs`): one list, not two.
+    trained = []
+    for config in tmp_path.glob("0[3-6]_*/**/config.json"):
+        if config.parent.name != "resumed":  # 03's resume demonstration continues its run
+            c = json.loads(config.read_text())
+            trained.append((c["model"], c["latent"], c["iters"], "init" not in c))
+    runs = [r for rs in Profile.of("smoke").runs().values() for r in rs]
+    assert sorted(trained) == sorted((r.model, r.latent, r.iters, r.from_scratch) for r in runs)
     # No widget is saved (progress bars are text, see above); 01's slice viewer shows its three-plane figure.
     data = nbformat.read(tmp_path / "01_data.ipynb", as_version=4)
     viewer = next(c for c in data.cells if "slice_viewer(" in c.source)
