@@ -23,9 +23,9 @@ from scipy import ndimage
 from alphagan import anatomy, features, metrics
 from alphagan.checkpoint import open_checkpoint
 from alphagan.config import EVALUATE_DEFAULTS, Config
-from alphagan.data.cache import load_cache
+from alphagan.data.cache import load_cache, read_manifest
 from alphagan.data.dataset import Source, load_training_volumes
-from alphagan.data.space import cube_affine
+from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
 from alphagan.device import pick_device
 from alphagan.folders import atomic, claim
 from alphagan.progress import tqdm
@@ -210,8 +210,9 @@ def _evaluate(source: Source, ev: Evaluation, states: list[dict], out: Path, dev
                 "contrast": ev.contrast,
             },
         }
-        if not source.synthetic and any(_run_data(c) == str(source) for c in ev.checkpoints):
-            warning = f"{source.cache} is the training set of at least one model: not held out"
+        trained_on = {c: _run_data(c) for c in ev.checkpoints}
+        warning = _not_held_out(source, trained_on, [cfg for _, cfg, _ in models])
+        if warning is not None:
             results["real"]["warning"] = warning
             warnings.warn(warning, stacklevel=2)
         feature_net = features.load_feature_network(ev.features).to(device) if ev.features else None
@@ -226,7 +227,7 @@ def _evaluate(source: Source, ev: Evaluation, states: list[dict], out: Path, dev
             tissues[name] = [anatomy.tissue_volumes(v, fake_affine, ev.contrast) for v in shown]
             row = {"checkpoint": checkpoint, "iteration": state["iter"], "model": cfg.model, "latent": cfg.latent}
             row |= _compared(generated[name], tissues[name], real, ev)
-            training = _run_data(checkpoint)
+            training = trained_on[checkpoint]
             if training is not None:
                 row["memorisation"], nearest[name] = _memorisation(training, cfg, generated[name], real.volumes)
             if feature_net is not None:
@@ -240,6 +241,26 @@ def _evaluate(source: Source, ev: Evaluation, states: list[dict], out: Path, dev
     with atomic(out / "table.md") as tmp:
         tmp.write_text(markdown_table(results))
     return results
+
+
+def _not_held_out(source: Source, trained_on: dict[str, str | None], configs: list[Config]) -> str | None:
+    """Why a cache given as the real side is not held out, or None: it is a model's training cache, or it holds
+    subjects of the synthetic cohort a model trained on (the same kind and seed: the same anatomy at any size)."""
+    if source.synthetic:
+        return None  # held-out subjects of another seed (`real_volumes`)
+    if str(source) in trained_on.values():
+        return f"{source.cache} is the training set of at least one model: not held out"
+    origins = {row.get("origin") for row in read_manifest(source.cache)}
+    for data, cfg in zip(trained_on.values(), configs):
+        if data is not None and Source.parse(data).synthetic:
+            cohort = synthetic_origin(Source.parse(data).kind, cfg.seed)
+            if cohort in origins:
+                return (
+                    f"{source.cache} holds subjects of the synthetic cohort a {cfg.model} run trained on "
+                    f"({cohort.removeprefix(SYNTHETIC_MARK + ' ')}): not held out; give --real synth, or a cache of "
+                    f"a cohort made with another --seed"
+                )
+    return None
 
 
 def _memorisation(training: str, cfg: Config, generated: np.ndarray, heldout: np.ndarray) -> tuple[dict, tuple]:

@@ -10,8 +10,10 @@ from scipy import ndimage
 from alphagan import metrics
 from alphagan.cli import main
 from alphagan.config import make_config
+from alphagan.data.cache import read_manifest
 from alphagan.data.dataset import synthetic_volumes
 from alphagan.data.prepare import prepare
+from alphagan.data.synth import make_cohort
 from alphagan.evaluate import BLUR_SIGMA, HELD_OUT_SEED_OFFSET, conclusions, decoy_scores, decoys
 from alphagan.features import ResNet3D
 from alphagan.train import train
@@ -160,3 +162,21 @@ def test_notebook_04s_decoys_score_as_the_metrics_say():
     scores = decoy_scores(a, b, pairs=6, repetitions=3, seed=0)
     assert scores["kernel_mmd2"] == pytest.approx(metrics.mmd_gaussian(a, b)[0])
     assert scores["paper_mmd"] == pytest.approx(metrics.mmd_batchwise(a, b, batch=4, repetitions=3, seed=0).mean)
+
+
+def test_a_cache_of_the_synthetic_cohort_a_model_trained_on_is_flagged(runs, tmp_path, cohort_dir, recwarn):
+    """Subject i of a synthetic cohort has the same anatomy at every size: a cache made from `synth --seed 0` holds
+    the subjects of a run trained on `synth` (seed 0). `synth` marks its files, `prepare` records where each volume
+    came from, and `evaluate` says the real side is not held out."""
+    same = make_cohort(tmp_path / "seed0", 4, size=16, seed=0, progress=False)
+    caches = {seed: prepare(str(src), tmp_path / f"cache{seed}", size=16, progress=False).out
+              for seed, src in ((0, same), (3, cohort_dir))}  # fmt: skip
+    assert {row["origin"] for row in read_manifest(caches[0])} == {"alphagan synth normal seed 0"}
+    run = str(runs / "alpha-wgan-gp" / "checkpoints")
+    args = ["--checkpoint", run, "--n", "4", "--pairs", "6", "--n-anatomy", "2"]
+    with pytest.warns(UserWarning, match=r"synthetic cohort .* \(normal seed 0\): not held out; give --real synth"):
+        assert main(["evaluate", "--real", str(caches[0]), "--out", str(tmp_path / "e0"), *args]) == 0
+    recwarn.clear()
+    assert main(["evaluate", "--real", str(caches[3]), "--out", str(tmp_path / "e3"), *args]) == 0
+    assert not [w for w in recwarn if "not held out" in str(w.message)]
+    assert "warning" not in json.loads((tmp_path / "e3" / "results.json").read_text())["real"]

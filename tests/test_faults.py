@@ -417,11 +417,11 @@ def test_a_write_that_fails_stops_the_cohort_at_once(tmp_path, monkeypatch, caps
 
     written, write = [], synth.write_nifti
 
-    def full(volume, affine, path):
+    def full(volume, affine, path, *description):
         written.append(path)
         if len(written) == 3:
             raise OSError(28, "No space left on device")
-        write(volume, affine, path)
+        write(volume, affine, path, *description)
 
     monkeypatch.setattr(synth, "write_nifti", full)
     _fails(capsys, ["synth", "--n", "200", "--size", "16", "--out", str(tmp_path / "c")], "No space left")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alphagan.data.space import normalise, to_cube
+from alphagan.data.space import normalise, synthetic_origin, to_cube
 from alphagan.data.synth import make_subject
 from alphagan.folders import atomic_folder, end_with_parent, recover_folder, reserved_array
 from alphagan.progress import tqdm
@@ -48,6 +48,7 @@ class Entry:
     spacing: str = ""
     sha256: str = ""
     fov_mm: float = 0.0
+    origin: str = ""  # the synthetic cohort of the subject (`space.synthetic_origin`), else empty
 
 
 def read_manifest(cache: str | Path) -> list[dict]:
@@ -204,7 +205,8 @@ def synthetic_cache(
         volumes.flush()
         del volumes
         source = f"synth:{kind}:{contrast}:seed{seed}"
-        entries = [Entry(source, f"sub-{i:05d}", -1, fov_mm=fov_mm) for i, fov_mm in enumerate(fovs)]
+        origin = synthetic_origin(kind, seed)
+        entries = [Entry(source, f"sub-{i:05d}", -1, fov_mm=fov_mm, origin=origin) for i, fov_mm in enumerate(fovs)]
         settings = {**asdict(Settings(size=size)), "synthetic": dict(kind=kind, contrast=contrast, seed=seed, n=n)}
         write_cache_tables(tmp, settings, entries, [])
     return folder

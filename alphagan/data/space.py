@@ -23,6 +23,16 @@ MNI_BRAIN_CENTRE = np.array([0.0, -17.0, 5.0])
 # What `sample` and `train` write into the `descrip` field of a NIfTI header they save: a model's output, which
 # `prepare` refuses as training data unless asked (`--allow-generated`).
 GENERATED_MARK = "alphagan generated"
+# What `synth` writes there: the synthetic cohort a subject belongs to. Subject i of a (kind, seed) cohort has the
+# same anatomy at every size and contrast, so a cache of it shares subjects with a run trained on that cohort.
+SYNTHETIC_MARK = "alphagan synth"
+
+
+def synthetic_origin(kind: str, seed: int) -> str:
+    """The cohort a synthetic subject comes from, as `synth` marks it and a cache's manifest records it."""
+    return f"{SYNTHETIC_MARK} {kind} seed {seed}"
+
+
 # Edge of the cube that holds the whole MNI brain (its longest axis is 181 mm) with a small margin.
 DEFAULT_FOV_MM = 192.0
 

@@ -33,7 +33,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from alphagan.config import CONTRASTS, KINDS
-from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, voxel_ml, write_nifti
+from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, synthetic_origin, voxel_ml, write_nifti
 from alphagan.folders import DiskFull, atomic, claim
 from alphagan.progress import tqdm
 
@@ -392,7 +392,8 @@ def make_cohort(
         for index in tqdm(range(n), desc=f"synth {kind} {contrast}", disable=not progress, unit="subj"):
             subject = make_subject(index, seed=seed, size=size, kind=kind, contrast=contrast)
             path = owned.folder / f"{names[index]}.nii.gz"
-            pending.append(writer.submit(write_nifti, subject.volume, subject.affine, path))
+            mark = f"{synthetic_origin(kind, seed)} subject {index}"
+            pending.append(writer.submit(write_nifti, subject.volume, subject.affine, path, mark))
             rows.append({"subject": names[index], **subject.factors})
             if index == 0:  # the first file's size tells whether the whole cohort fits
                 pending.pop().result()
