@@ -256,7 +256,8 @@ def refusal(folder: Path, command: str, record: dict | None, settings: dict, res
     if record["settings"] == settings:
         return None
     changed = sorted(k for k in {*record["settings"], *settings} if record["settings"].get(k) != settings.get(k))
-    held = ", ".join(f"{k} {record['settings'].get(k)}" for k in changed)
+    was = record["settings"]
+    held = ", ".join(f"{k} {'not set' if was.get(k) is None else was[k]}" for k in changed)
     what = f"other settings ({held})" if changed else "the same settings"
     return f"holds an earlier `alphagan {command}` with {what}; add --overwrite to replace it, or choose another --out"
 
