@@ -44,6 +44,13 @@ def describe(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
+def synchronise(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs asynchronously; a CPU has nothing to wait for): what a
+    timer reads around GPU work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _mps() -> bool:
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 

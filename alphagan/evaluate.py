@@ -79,9 +79,10 @@ def decoys(real: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def decoy_scores(real: np.ndarray, decoy: np.ndarray, pairs: int, repetitions: int, seed: int) -> dict[str, float]:
-    """The paper's MMD (batches of 8), the Gaussian-kernel MMD² and the MS-SSIM of `decoy`'s pairs, against
-    held-out `real` volumes."""
-    paper = metrics.mmd_batchwise(real, decoy, batch=min(8, len(real)), repetitions=repetitions, seed=seed)
+    """The paper's MMD (in `evaluate`'s batches of 8), the Gaussian-kernel MMD² and the MS-SSIM of `decoy`'s
+    pairs, against held-out `real` volumes."""
+    batch = min(EVALUATE_DEFAULTS["mmd_batch"], len(real))
+    paper = metrics.mmd_batchwise(real, decoy, batch=batch, repetitions=repetitions, seed=seed)
     kernel, _ = metrics.mmd_gaussian(real, decoy)
     diversity, _ = metrics.diversity(decoy, pairs=pairs, seed=seed)
     return {"paper_mmd": paper.mean, "kernel_mmd2": kernel, "ms_ssim": diversity}
@@ -252,8 +253,9 @@ def _not_held_out(source: Source, trained_on: dict[str, str | None], configs: li
         return f"{source.cache} is the training set of at least one model: not held out"
     origins = {row.get("origin") for row in read_manifest(source.cache)}
     for data, cfg in zip(trained_on.values(), configs):
-        if data is not None and Source.parse(data).synthetic:
-            cohort = synthetic_origin(Source.parse(data).kind, cfg.seed)
+        trained = None if data is None else Source.parse(data)
+        if trained is not None and trained.synthetic:
+            cohort = synthetic_origin(trained.kind, cfg.seed)
             if cohort in origins:
                 return (
                     f"{source.cache} holds subjects of the synthetic cohort a {cfg.model} run trained on "

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -284,15 +284,17 @@ def check_claim(
     resume: bool = False,
     overwrite: bool = False,
     again: bool = True,
+    record_of: Callable[[Path], dict | None] = owner_record,
 ) -> dict | None:
     """What `claim` checks first, without making, locking or changing anything, for a command that would rather
     refuse before long work (the course runner times models first): raises `FolderRefused` where `claim` would
-    refuse; returns the folder's ownership record (None for a new or unclaimed folder)."""
+    refuse; returns the folder's ownership record (None for a new or unclaimed folder). `record_of` reads it
+    (`prepare`'s caches hold theirs in settings.json)."""
     if folder.exists() and not folder.is_dir():
         raise FolderRefused(f"{folder}: exists and is not a folder; choose another --out")
     if not folder.exists():
         return None
-    record = owner_record(folder)
+    record = record_of(folder)
     reason = refusal(folder, command, record, json.loads(json.dumps(settings)), resume, again)
     if reason is not None and not (overwrite and record is not None and record["command"] == command):
         raise FolderRefused(f"{folder}: {reason}")

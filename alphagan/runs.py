@@ -24,6 +24,7 @@ from alphagan.data.dataset import Batches, Source, data_digest
 from alphagan.device import pick_device
 from alphagan.folders import FolderRefused, atomic, claim, owner_record
 from alphagan.models import build_networks
+from alphagan.sampling import sample_names
 
 CONFIG, LOG, CHECKPOINTS, SAMPLES = "config.json", "metrics.jsonl", "checkpoints", "samples"
 RUN_FILES = [CONFIG, LOG, CHECKPOINTS, SAMPLES]
@@ -129,6 +130,11 @@ def init_of(run: Path) -> str | None:
     return saved_config(run).get("init")
 
 
+def _resolved(init: str | Path | None) -> str | None:
+    """The checkpoint file `init` names (a folder: its newest), as config.json records a run's start."""
+    return None if init is None else str(find_checkpoint(init).resolve())
+
+
 def differing(saved: Config, cfg: Config, keys: tuple[str, ...]) -> list[str]:
     """The settings among `keys` in which a checkpoint's config differs from this run's."""
     return [k for k in keys if getattr(saved, k) != getattr(cfg, k)]
@@ -214,14 +220,9 @@ def append_log(out: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def sample_names(cfg: Config) -> list[str]:
-    """The NIfTI samples a finished run leaves in its samples folder."""
-    return [f"sample_{i:04d}.nii.gz" for i in range(cfg.n_fixed)]
-
-
 def final_samples_written(out: Path, cfg: Config) -> bool:
     """Whether the finished run's samples are all there (a run killed after its last checkpoint has none)."""
-    return all((out / SAMPLES / name).exists() for name in sample_names(cfg))
+    return all((out / SAMPLES / name).exists() for name in sample_names(cfg.n_fixed))
 
 
 def finished_run(folder: str | Path, cfg: Config, data: str, init: str | Path | None = None) -> TrainResult | None:
@@ -231,8 +232,7 @@ def finished_run(folder: str | Path, cfg: Config, data: str, init: str | Path | 
     folder, cfg = Path(folder), cfg.validate()
     if saved_config(folder).get("data") != str(Source.parse(data)):
         return None
-    started = None if init is None else str(find_checkpoint(init).resolve())
-    if init_of(folder) != started:
+    if init_of(folder) != _resolved(init):
         return None
     try:
         state = load_checkpoint(checkpoints_of(folder), cfg.iters)
@@ -250,5 +250,4 @@ def finished_run(folder: str | Path, cfg: Config, data: str, init: str | Path | 
 
 def stopped_run(folder: str | Path, init: str | Path | None = None) -> bool:
     """Whether `folder` holds a run started from `init` with a checkpoint to resume from."""
-    started = None if init is None else str(find_checkpoint(init).resolve())
-    return bool(list_checkpoints(checkpoints_of(folder))) and init_of(Path(folder)) == started
+    return bool(list_checkpoints(checkpoints_of(folder))) and init_of(Path(folder)) == _resolved(init)

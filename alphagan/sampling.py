@@ -62,6 +62,11 @@ def reconstruct(encoder: nn.Module, generator: nn.Module, x: torch.Tensor) -> to
     return copy.deepcopy(generator).train()(code).float().cpu()
 
 
+def sample_names(n: int) -> list[str]:
+    """The file names of `n` NIfTI samples, as `sample` writes them and a finished run leaves them."""
+    return [f"sample_{i:04d}.nii.gz" for i in range(n)]
+
+
 def generator_of(state: dict, device: str = "cpu", seed: int | None = None) -> tuple[nn.Module, Config, dict]:
     """The generator of a checkpoint's state (`checkpoint.open_checkpoint`), calibrated and ready for sampling,
     with the run's settings and the state. `seed` draws the calibration codes (default: the run's)."""
@@ -98,7 +103,7 @@ def write_samples(
     path, state = open_checkpoint(checkpoint)
     path = path.resolve()
     G, cfg, state = generator_of(state, str(pick_device(device)), seed=seed)
-    names = [f"sample_{i:04d}.nii.gz" for i in range(n)]
+    names = sample_names(n)
     settings = {"checkpoint": str(path), "iteration": state["iter"], "n": n, "seed": seed}
     shown: list[torch.Tensor] = []
     with claim(

@@ -41,7 +41,7 @@ from alphagan.losses import Terms
 from alphagan.models import build_networks
 from alphagan.progress import tqdm
 from alphagan.runs import TrainResult
-from alphagan.sampling import calibrated_generator, generate, reconstruct, save_nifti
+from alphagan.sampling import calibrated_generator, generate, reconstruct, sample_names, save_nifti
 from alphagan.steps import UPDATES, FiniteWatch, Inputs, TrainingDiverged, iteration, optimisers, update_steps
 from alphagan.viz import planes_columns, save_figure, use_headless_backend
 
@@ -234,7 +234,7 @@ def _final_samples(run: Run) -> None:
     """A few NIfTI samples of the finished run."""
     cfg = run.cfg
     G = calibrated_generator(run.nets["G"], cfg.latent, batch=cfg.batch, seed=cfg.seed)
-    for name, volume in zip(runs.sample_names(cfg), generate(G, cfg.n_fixed, cfg.latent, seed=cfg.seed + 2)):
+    for name, volume in zip(sample_names(cfg.n_fixed), generate(G, cfg.n_fixed, cfg.latent, seed=cfg.seed + 2)):
         save_nifti(volume, run.out / runs.SAMPLES / name, run.fov_mm)
 
 

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import flop_registry
 from alphagan import losses
 from alphagan.config import MODELS, make_config
 from alphagan.course.plan import TimedStep
-from alphagan.device import machine
+from alphagan.device import machine, synchronise
 
 # Operator (CPU) or kernel (GPU) names, first match wins. cuDNN names its input-gradient kernels dgrad and its
 # weight-gradient kernels wgrad; on a CPU oneDNN computes both in one convolution_backward.
@@ -74,23 +74,18 @@ def no_penalty():
         losses.gradient_penalty = original
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matrix_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a square matrix product in `dtype` on `device` (2048^2 on a CPU, 8192^2 on a GPU)."""
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ a
-    _synchronise(device)
+    synchronise(device)
     repeats, start = 0, time.perf_counter()
     while time.perf_counter() - start < 1.0:
         a @ a
         repeats += 1
-        _synchronise(device)
+        synchronise(device)
     return repeats * 2 * n**3 / (time.perf_counter() - start)
 
 

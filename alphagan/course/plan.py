@@ -18,7 +18,7 @@ from alphagan import config
 from alphagan.config import make_config
 from alphagan.course.settings import Profile, TrainingRun
 from alphagan.data.dataset import Batches
-from alphagan.device import GRAPH_WARMUP, Graphed, fastest_kernels, pick_device, pick_dtype, use_graphs
+from alphagan.device import GRAPH_WARMUP, Graphed, fastest_kernels, pick_device, pick_dtype, synchronise, use_graphs
 from alphagan.models import build_networks
 from alphagan.steps import UPDATES, iteration, optimisers, update_steps
 
@@ -130,16 +130,12 @@ class TimedStep:
     def run(self, n: int, graphed: bool = True) -> float:
         """Seconds per iteration over `n` iterations (eager, without CUDA graphs, when not `graphed`)."""
         step, static = (self.step, self.graphs) if graphed else (Graphed(self.steps), False)
-        self._synchronise()
+        synchronise(self.device)
         start = time.perf_counter()
         for _ in range(n):
             iteration(UPDATES[self.cfg.model], step, self.inputs, self.batches, self.cfg, static=static)
-        self._synchronise()
+        synchronise(self.device)
         return (time.perf_counter() - start) / n
-
-    def _synchronise(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
 
 
 def seconds_per_iteration(profile: str, model: str, latent: int, as_written: bool = False) -> float:

@@ -29,8 +29,18 @@ SYNTHETIC_MARK = "alphagan synth"
 
 
 def synthetic_origin(kind: str, seed: int) -> str:
-    """The cohort a synthetic subject comes from, as `synth` marks it and a cache's manifest records it."""
+    """The cohort a synthetic subject comes from, as a cache's manifest records it."""
     return f"{SYNTHETIC_MARK} {kind} seed {seed}"
+
+
+def synthetic_mark(kind: str, seed: int, index: int) -> str:
+    """What `synth` writes into a subject's header: its cohort (`synthetic_origin`) and its index there."""
+    return f"{synthetic_origin(kind, seed)} subject {index}"
+
+
+def origin_of(descrip: str) -> str:
+    """The cohort a header's descrip names (`synthetic_mark`), or "" for a file `synth` did not write."""
+    return descrip.split(" subject ")[0] if descrip.startswith(SYNTHETIC_MARK) else ""
 
 
 # Edge of the cube that holds the whole MNI brain (its longest axis is 181 mm) with a small margin.

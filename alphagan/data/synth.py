@@ -23,6 +23,7 @@ import csv
 import functools
 import math
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from alphagan.config import CONTRASTS, KINDS
-from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, synthetic_origin, voxel_ml, write_nifti
+from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, synthetic_mark, voxel_ml, write_nifti
 from alphagan.folders import DiskFull, atomic, claim
 from alphagan.progress import tqdm
 
@@ -376,8 +377,6 @@ def make_cohort(
 ) -> Path:
     """Write `n` subjects as NIfTI files and `participants.tsv` of their factors into `out`, a folder that is new,
     empty or an earlier cohort of this function's (`alphagan.folders.claim`: other settings need `overwrite`)."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
     if n < 1:
         raise ValueError(f"a cohort needs at least one subject, got n={n}")
     names = [subject_id(index, kind, contrast) for index in range(n)]
@@ -392,7 +391,7 @@ def make_cohort(
         for index in tqdm(range(n), desc=f"synth {kind} {contrast}", disable=not progress, unit="subj"):
             subject = make_subject(index, seed=seed, size=size, kind=kind, contrast=contrast)
             path = owned.folder / f"{names[index]}.nii.gz"
-            mark = f"{synthetic_origin(kind, seed)} subject {index}"
+            mark = synthetic_mark(kind, seed, index)
             pending.append(writer.submit(write_nifti, subject.volume, subject.affine, path, mark))
             rows.append({"subject": names[index], **subject.factors})
             if index == 0:  # the first file's size tells whether the whole cohort fits
