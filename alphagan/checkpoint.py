@@ -6,7 +6,7 @@ A checkpoint holds only tensors, numbers, strings, lists and dicts (networks, op
 config and every RNG state), so `torch.load(..., weights_only=True)` reads it: opening a checkpoint from
 someone else never runs their code. It is written to a temporary file, flushed, then renamed over its final
 name, so a reader sees either the old file or the complete new one; the last `keep` checkpoints are kept.
-`find_checkpoint` locates one (a file, or a run's folder), `load_checkpoint` reads it.
+`find_checkpoint` locates one (a file, a folder of them, or a run folder), `load_checkpoint` reads it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from alphagan.folders import atomic, disk_full
 from alphagan.models import build_networks
 
 _NAME = re.compile(r"ckpt_(\d+)\.pt$")
+CHECKPOINTS = "checkpoints"  # the folder of a run that holds its checkpoints (`runs.checkpoints_of`)
+GIVE = "give a ckpt_*.pt file, a run folder or its checkpoints folder"
 FULL_BELOW = 2**30  # a failed write with less free space than this (1 GiB) is a full disk
 
 
@@ -41,17 +43,25 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_folder(folder: str | Path) -> Path:
+    """The folder of checkpoints a user's `folder` names: itself, or a run folder's checkpoints folder."""
+    folder = Path(folder)
+    inner = folder / CHECKPOINTS
+    return inner if inner.is_dir() and not list_checkpoints(folder) else folder
+
+
 def find_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
     """A checkpoint's file: `path` itself, or in a folder the checkpoint of `iteration` (default: the newest)."""
     path = Path(path)
     if path.is_dir():
+        path = checkpoint_folder(path)
         found = [path / _name(iteration)] if iteration is not None else list_checkpoints(path)[-1:]
         if not found or not found[0].exists():
             which = f"of iteration {iteration}" if iteration is not None else "(ckpt_*.pt)"
-            raise FileNotFoundError(f"{path}: no checkpoint {which} in this folder; give a run's checkpoints folder")
+            raise FileNotFoundError(f"{path}: no checkpoint {which} in this folder; {GIVE}")
         path = found[0]
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint; give a ckpt_*.pt file or a run's checkpoints folder")
+        raise FileNotFoundError(f"{path}: no such checkpoint; {GIVE}")
     return path
 
 
@@ -73,12 +83,12 @@ def save_checkpoint(directory: str | Path, iteration: int, state: dict, keep: in
 
 
 def load_newest(directory: str | Path, map_location="cpu") -> tuple[Path, dict]:
-    """The newest checkpoint in `directory` that loads, and its path: a damaged newer one is skipped, saying so."""
+    """The newest checkpoint in `directory` (`checkpoint_folder`) that loads, and its path: a damaged newer one is
+    skipped, saying so."""
+    directory = checkpoint_folder(directory)
     found = list_checkpoints(directory)
     if not found:
-        raise FileNotFoundError(
-            f"{directory}: no checkpoint (ckpt_*.pt) in this folder; give a run's checkpoints folder"
-        )
+        raise FileNotFoundError(f"{directory}: no checkpoint (ckpt_*.pt) in this folder; {GIVE}")
     for path in reversed(found):
         try:
             return path, load_checkpoint(path, map_location=map_location)

@@ -9,7 +9,10 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
+
+from tqdm import tqdm
 
 from alphagan.config import (
     CONTRASTS,
@@ -245,12 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="delete the run already in --out (its own files only) and start again"
     )
     p.add_argument(
-        "--init", default=None, help="start the networks from this checkpoint's weights (a ckpt_*.pt file or a folder)"
+        "--init",
+        default=None,
+        help="start the networks from this checkpoint's weights (a ckpt_*.pt file or a run folder)",
     )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate volumes from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file or a folder of them")
+    p.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file, or a run folder: its newest checkpoint")
     p.add_argument("--n", type=_positive, default=16)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=_setting("seed"), default=0)
@@ -259,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="the paper's Table 1 and Fig. 3 (and more) for trained models")
     p.add_argument("--real", required=True, help="a held-out prepared cache, or synth[:kind[:contrast]]")
-    p.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="a ckpt_*.pt file or a run folder; repeat for several models",
+    )
     p.add_argument("--out", required=True)
     p.add_argument(
         "--n", type=_at_least_two, default=EVALUATE_DEFAULTS["n"], help="real and generated volumes per model"
@@ -268,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--n-anatomy", type=_positive, default=EVALUATE_DEFAULTS["n_anatomy"], help="volumes segmented per model"
     )
-    p.add_argument("--contrast", choices=CONTRASTS, default="t1")
+    p.add_argument(
+        "--contrast",
+        choices=CONTRASTS,
+        default=None,
+        help="of the real side; default: a synthetic --real's own, else t1",
+    )
     p.add_argument("--features", default=None, help="MedicalNet-style 3D ResNet-10 weights for a Fréchet distance")
     p.add_argument("--seed", type=_setting("seed"), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
@@ -292,12 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(command: str):
+    """A `warnings.showwarning` that says a warning as the commands say everything, `alphagan <command>: ...`, on
+    its own line above any progress bar."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        tqdm.write(f"alphagan {command}: {message}", file=sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An ordinary failure (a missing or damaged file, a bad setting, a full disk) is one line,
     `alphagan <command>: <what and where>: <how to fix>`, and exit status 1; `--debug` shows the traceback."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = _one_line(args.command)
+            return args.func(args)
     except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         if args.debug:
             raise

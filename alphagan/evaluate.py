@@ -154,14 +154,17 @@ def evaluate(
     mmd_batch: int = EVALUATE_DEFAULTS["mmd_batch"],
     mmd_repetitions: int = EVALUATE_DEFAULTS["mmd_repetitions"],
     n_anatomy: int = EVALUATE_DEFAULTS["n_anatomy"],
-    contrast: str = "t1",
+    contrast: str | None = None,
     feature_weights: str | None = None,
     seed: int = 0,
     device: str | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Evaluate each checkpoint against held-out real data; write the figures and tables into `out` (a folder
-    claimed as `alphagan.folders.claim` says: new, empty, or an earlier evaluation); return the results."""
+    claimed as `alphagan.folders.claim` says: new, empty, or an earlier evaluation); return the results.
+
+    `contrast` (of the real side, for the tissue volumes): by default a synthetic real side's own, else t1. A real
+    side that is not held out, or not the kind of data a model learned, is refused (`_wrong_real_side`)."""
     use_headless_backend()
     source = Source.parse(real)  # a bad --real is named before any model is loaded
     if not source.synthetic:
@@ -171,20 +174,26 @@ def evaluate(
     twice = sorted({f for f in files if files.count(f) > 1})
     if twice:  # two rows of one model would read as two models that agree
         raise ValueError(f"--checkpoint: {twice[0]} is given twice (a folder names its newest); give each model once")
+    contrast = contrast or source.contrast
+    configs = [Config.from_dict(state["config"]) for _, state in opened]
+    trained_on = {f: _run_data(f) for f in files}
+    wrong = _wrong_real_side(source, contrast, trained_on, configs)
+    if wrong is not None:
+        raise ValueError(wrong)
     ev = Evaluation(
         str(source), files, n, pairs, mmd_batch, mmd_repetitions, n_anatomy, contrast, feature_weights, seed
     )
     keep = {"--real": source.cache, "--features": feature_weights, **{f"--checkpoint {c}": c for c in files}}
     with claim(out, "evaluate", asdict(ev), list(EVALUATE_FILES), overwrite=overwrite, keep=keep) as owned:
         states = [state for _, state in opened]
-        return _evaluate(source, ev, states, owned.folder, str(pick_device(device or "auto")))
+        return _evaluate(ev, states, trained_on, owned.folder, str(pick_device(device or "auto")))
 
 
 EVALUATE_FILES = ("results.json", "table.md", "pca.png", "volumes.png", "nearest.png")
 
 
-def _evaluate(source: Source, ev: Evaluation, states: list[dict], out: Path, device: str) -> dict:
-    """`evaluate` once its folder is claimed, with the checkpoints' `states`."""
+def _evaluate(ev: Evaluation, states: list[dict], trained_on: dict[str, str | None], out: Path, device: str) -> dict:
+    """`evaluate` once its folder is claimed, with the checkpoints' `states` and the data each trained on."""
     models = [generator_of(state, device) for state in states]
     sizes = {cfg.size for _, cfg, _ in models}
     if len(sizes) != 1:
@@ -211,11 +220,6 @@ def _evaluate(source: Source, ev: Evaluation, states: list[dict], out: Path, dev
                 "contrast": ev.contrast,
             },
         }
-        trained_on = {c: _run_data(c) for c in ev.checkpoints}
-        warning = _not_held_out(source, trained_on, [cfg for _, cfg, _ in models])
-        if warning is not None:
-            results["real"]["warning"] = warning
-            warnings.warn(warning, stacklevel=2)
         feature_net = features.load_feature_network(ev.features).to(device) if ev.features else None
 
         generated, tissues, nearest = {}, {}, {}
@@ -244,24 +248,46 @@ def _evaluate(source: Source, ev: Evaluation, states: list[dict], out: Path, dev
     return results
 
 
-def _not_held_out(source: Source, trained_on: dict[str, str | None], configs: list[Config]) -> str | None:
-    """Why a cache given as the real side is not held out, or None: it is a model's training cache, or it holds
-    subjects of the synthetic cohort a model trained on (the same kind and seed: the same anatomy at any size)."""
+def _wrong_real_side(
+    source: Source, contrast: str, trained_on: dict[str, str | None], configs: list[Config]
+) -> str | None:
+    """Why `source` cannot be the real side of these models, with the fix, or None. It is not held out (a model's
+    training cache, a cache of the synthetic cohort a model trained on: the same kind and seed give the same anatomy
+    at any size, or a held-out synthetic cohort whose seed a model trained on), or it is another kind of data than a
+    model's synthetic training cohort (kind, contrast), or `contrast` is not that of a synthetic real side."""
+    trained = {data: Source.parse(data) for data in trained_on.values() if data is not None}
     if source.synthetic:
-        return None  # held-out subjects of another seed (`real_volumes`)
-    if str(source) in trained_on.values():
-        return f"{source.cache} is the training set of at least one model: not held out"
+        if contrast != source.contrast:
+            return (
+                f"--contrast {contrast}: the real side {source} is {source.contrast}; give --contrast {source.contrast}"
+            )
+        held_out_seed = configs[0].seed + HELD_OUT_SEED_OFFSET
+        for data, cfg in zip(trained_on.values(), configs):
+            other = trained.get(data)
+            if other is None or not other.synthetic:
+                continue
+            if (other.kind, other.contrast) != (source.kind, source.contrast):
+                return f"--real {source}: the {cfg.model} run learned {other}; compare it with --real {other}"
+            if cfg.seed == held_out_seed:
+                return (
+                    f"--real {source}: its held-out cohort (seed {held_out_seed}) is the {cfg.model} run's training "
+                    f"cohort; evaluate that run on its own, or against a prepared cache"
+                )
+        return None
+    if source in trained.values():
+        return (
+            f"--real {source.cache}: the training set of a model, not held out; give a cache prepared from other "
+            f"subjects, or --real synth for runs trained on the synthetic cohort"
+        )
     origins = {row.get("origin") for row in read_manifest(source.cache)}
     for data, cfg in zip(trained_on.values(), configs):
-        trained = None if data is None else Source.parse(data)
-        if trained is not None and trained.synthetic:
-            cohort = synthetic_origin(trained.kind, cfg.seed)
-            if cohort in origins:
-                return (
-                    f"{source.cache} holds subjects of the synthetic cohort a {cfg.model} run trained on "
-                    f"({cohort.removeprefix(SYNTHETIC_MARK + ' ')}): not held out; give --real synth, or a cache of "
-                    f"a cohort made with another --seed"
-                )
+        other = trained.get(data)
+        if other is not None and other.synthetic and (cohort := synthetic_origin(other.kind, cfg.seed)) in origins:
+            return (
+                f"--real {source.cache}: holds subjects of the synthetic cohort the {cfg.model} run trained on "
+                f"({cohort.removeprefix(SYNTHETIC_MARK + ' ')}), not held out; give --real synth, or a cache of a "
+                f"cohort made with another --seed"
+            )
     return None
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alphagan.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint
+from alphagan.checkpoint import CHECKPOINTS, checkpoint_folder, find_checkpoint, list_checkpoints, load_checkpoint
 from alphagan.config import Config
 from alphagan.data.dataset import Batches, Source, data_digest
 from alphagan.device import pick_device
@@ -26,7 +26,7 @@ from alphagan.folders import FolderRefused, atomic, claim, owner_record
 from alphagan.models import build_networks
 from alphagan.sampling import sample_names
 
-CONFIG, LOG, CHECKPOINTS, SAMPLES = "config.json", "metrics.jsonl", "checkpoints", "samples"
+CONFIG, LOG, SAMPLES = "config.json", "metrics.jsonl", "samples"
 RUN_FILES = [CONFIG, LOG, CHECKPOINTS, SAMPLES]
 
 
@@ -36,9 +36,9 @@ def checkpoints_of(out: str | Path) -> Path:
 
 
 def run_of(checkpoint: str | Path) -> Path:
-    """The run folder a checkpoint (a ckpt_*.pt file or a run's checkpoint folder) belongs to."""
+    """The run folder a checkpoint (a ckpt_*.pt file, a run's checkpoint folder or the run folder) belongs to."""
     path = Path(checkpoint)
-    return path.parent if path.is_dir() else path.parent.parent
+    return checkpoint_folder(path).parent if path.is_dir() else path.parent.parent
 
 
 def saved_config(out: str | Path) -> dict:

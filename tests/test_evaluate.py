@@ -1,6 +1,7 @@
 """`python -m alphagan evaluate`: a table in the paper's form, figures, and an honest statement of the real side."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -75,16 +76,14 @@ def test_evaluate_writes_table_json_and_figures(runs, tmp_path):
         assert (tmp_path / "eval" / figure).stat().st_size > 5000
 
 
-def test_a_training_cache_on_the_real_side_is_flagged(tmp_path, cohort_dir):
+def test_a_training_cache_on_the_real_side_is_refused(tmp_path, cohort_dir, capsys):
     cache = prepare(str(cohort_dir), tmp_path / "cache", size=16, progress=False).out
     train(make_config("smoke", iters=2, device="cpu", batch=2), str(cache), tmp_path / "run", progress=False)
-    run = str(tmp_path / "run" / "checkpoints")
     args = ["--out", str(tmp_path / "eval"), "--n", "6", "--pairs", "10", "--n-anatomy", "2"]
-    with pytest.warns(UserWarning, match="training set of at least one model: not held out"):  # also with a '/'
-        assert main(["evaluate", "--real", str(cache) + "/", "--checkpoint", run, *args]) == 0
-    results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert "not held out" in results["real"]["warning"]
-    assert results["models"]["alpha-wgan-gp z16"]["memorisation"]["nn_ratio"] is None  # held-out = training
+    for run in (tmp_path / "run", tmp_path / "run" / "checkpoints"):  # a run folder or its checkpoints
+        assert main(["evaluate", "--real", str(cache) + "/", "--checkpoint", str(run), *args]) == 1  # also with a '/'
+        assert "the training set of a model, not held out; give a cache prepared from other" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
 
 
 def test_table_numbers_are_plain_and_pairs_never_exceed_the_distinct_ones(runs, tmp_path):
@@ -164,19 +163,32 @@ def test_notebook_04s_decoys_score_as_the_metrics_say():
     assert scores["paper_mmd"] == pytest.approx(metrics.mmd_batchwise(a, b, batch=4, repetitions=3, seed=0).mean)
 
 
-def test_a_cache_of_the_synthetic_cohort_a_model_trained_on_is_flagged(runs, tmp_path, cohort_dir, recwarn):
+def test_a_cache_of_the_synthetic_cohort_a_model_trained_on_is_refused(runs, tmp_path, cohort_dir, capsys):
     """Subject i of a synthetic cohort has the same anatomy at every size: a cache made from `synth --seed 0` holds
     the subjects of a run trained on `synth` (seed 0). `synth` marks its files, `prepare` records where each volume
-    came from, and `evaluate` says the real side is not held out."""
+    came from, and `evaluate` refuses a real side that is not held out."""
     same = make_cohort(tmp_path / "seed0", 4, size=16, seed=0, progress=False)
     caches = {seed: prepare(str(src), tmp_path / f"cache{seed}", size=16, progress=False).out
               for seed, src in ((0, same), (3, cohort_dir))}  # fmt: skip
     assert {row["origin"] for row in read_manifest(caches[0])} == {"alphagan synth normal seed 0"}
     run = str(runs / "alpha-wgan-gp" / "checkpoints")
     args = ["--checkpoint", run, "--n", "4", "--pairs", "6", "--n-anatomy", "2"]
-    with pytest.warns(UserWarning, match=r"synthetic cohort .* \(normal seed 0\): not held out; give --real synth"):
-        assert main(["evaluate", "--real", str(caches[0]), "--out", str(tmp_path / "e0"), *args]) == 0
-    recwarn.clear()
+    assert main(["evaluate", "--real", str(caches[0]), "--out", str(tmp_path / "e0"), *args]) == 1
+    said = capsys.readouterr().err
+    assert re.search(r"synthetic cohort .* \(normal seed 0\), not held out; give --real synth", said), said
     assert main(["evaluate", "--real", str(caches[3]), "--out", str(tmp_path / "e3"), *args]) == 0
-    assert not [w for w in recwarn if "not held out" in str(w.message)]
-    assert "warning" not in json.loads((tmp_path / "e3" / "results.json").read_text())["real"]
+
+
+def test_a_synthetic_real_side_of_another_kind_contrast_or_seed_is_refused(runs, tmp_path, capsys):
+    """The synthetic real side is the kind and contrast of data a model learned, its own contrast is the one the
+    tissues are segmented in, and its held-out cohort is one no model trained on."""
+    run = str(runs / "alpha-wgan-gp" / "checkpoints")  # trained on synth (normal, t1), seed 0
+    args = ["--checkpoint", run, "--out", str(tmp_path / "e"), "--n", "4", "--pairs", "6", "--n-anatomy", "2"]
+    for real, extra, said in (
+        ("synth:tumor", [], "--real synth:tumor:t1: the alpha-wgan-gp run learned synth:normal:t1; compare it with"),
+        ("synth:normal:t2", [], "learned synth:normal:t1; compare it with --real synth:normal:t1"),
+        ("synth", ["--contrast", "t2"], "--contrast t2: the real side synth:normal:t1 is t1; give --contrast t1"),
+    ):
+        assert main(["evaluate", "--real", real, *args, *extra]) == 1
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -3,6 +3,7 @@
 import collections
 import fcntl
 import json
+import re
 import shutil
 import zipfile
 
@@ -13,7 +14,7 @@ import pytest
 from alphagan.checkpoint import list_checkpoints
 from alphagan.cli import main
 from alphagan.course import runner
-from alphagan.data.cache import cache_root
+from alphagan.data.cache import cache_root, read_manifest
 from alphagan.data.prepare import prepare
 
 TRAIN = ["--profile", "smoke", "--iters", "2", "--device", "cpu", "--ckpt-every", "1"]
@@ -169,9 +170,10 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_stale_temporary_files_go
     newest.write_bytes(newest.read_bytes()[:1000])
     (out / "checkpoints" / ".ckpt_00000009.pt.999.tmp").write_bytes(b"half")
     argv = ["train", "--data", str(cache), "--out", str(out), "--profile", "smoke", "--device", "cpu", "--resume"]
-    with pytest.warns(UserWarning, match=f"{newest.name}.*older checkpoint") as seen:
-        assert main([*argv, "--iters", "3", "--ckpt-every", "1"]) == 0
-    assert all("weights_only" not in str(w.message) for w in seen)
+    assert main([*argv, "--iters", "3", "--ckpt-every", "1"]) == 0
+    said = capsys.readouterr().err  # a warning is one line, as the commands say everything
+    assert re.search(f"^alphagan train: {re.escape(str(newest))}: .*; using the newest older checkpoint", said, re.M)
+    assert "weights_only" not in said and "UserWarning" not in said
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
@@ -681,6 +683,73 @@ def test_voxel_sizes_follow_the_sform_where_pixdim_disagrees_and_a_nan_affine_is
         load_ras(tmp_path / "nan.nii.gz")
 
 
+def _headed(path, data, affine, **fields):
+    """A NIfTI file whose header holds `fields` exactly as given (nibabel rewrites them from `affine` otherwise)."""
+    header = nib.Nifti1Image(np.asarray(data), affine).header
+    for key, value in fields.items():
+        header[key] = value
+    nib.Nifti1Image(np.asarray(data), None, header=header).to_filename(path)
+    return path
+
+
+def test_spatial_units_are_read_as_the_header_states_them(tmp_path, cohort_dir):
+    """A brain stored in metres or microns (NIfTI's xyzt_units) is the same brain: the same cube as in mm."""
+    from alphagan.data.prepare import UNIT_MM, load_ras, preprocess
+
+    img = nib.load(sorted(cohort_dir.glob("*.nii.gz"))[0])
+    data, mm = img.get_fdata(dtype=np.float32), img.affine
+    cubes = {}
+    for unit, code in (("mm", 2), ("meter", 1), ("micron", 3)):
+        affine = mm.copy()
+        affine[:3] /= UNIT_MM[unit]
+        path = _headed(tmp_path / f"{unit}.nii.gz", data, affine, xyzt_units=code, sform_code=1, qform_code=1)
+        header = nib.load(path).header
+        assert header.get_xyzt_units()[0] == unit and header["pixdim"][1] == pytest.approx(mm[0, 0] / UNIT_MM[unit])
+        np.testing.assert_allclose(load_ras(path)[1], np.abs(np.diag(mm)[:3]), rtol=1e-5)
+        cubes[unit] = preprocess(path)[0]
+    np.testing.assert_allclose(cubes["meter"], cubes["mm"], atol=1e-5)
+    np.testing.assert_allclose(cubes["micron"], cubes["mm"], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, phrase",
+    [
+        (lambda d, a: _nifti_any(d * 100, a), "too large to be a head: the non-zero region measures"),
+        (lambda d, a: _nifti_any((d > d.mean()).astype(np.uint8), a / 1), "only 2 distinct values (0, 1): a label map"),
+        (lambda d, a: _nifti_any(np.round(d / d.max() * 4).astype(np.int16), a / 1), "distinct values (0, 1, 2, 3, 4)"),
+        (lambda d, a: _nifti_any(d.astype(np.complex64), a / 1), "complex-valued voxels"),
+        (lambda d, a: _zero_pixdim(d), "no sform or qform, and voxel sizes of 0 in its pixdim"),
+    ],
+    ids=["metres-as-mm", "mask", "labels", "complex", "zero-pixdim"],
+)
+def test_files_that_are_not_a_head_scan_are_refused_with_the_reason(tmp_path, cohort_dir, capsys, make, phrase):
+    """Voxel sizes a head cannot have, segmentations beside the scans, complex data and a header nibabel must
+    repair are reported and skipped, in one line each; nibabel's own repair messages are not printed."""
+    src = tmp_path / "src"
+    shutil.copytree(cohort_dir, src)
+    path = sorted(src.glob("*.nii.gz"))[0]
+    img = nib.load(path)
+    affine = img.affine * np.array([[100.0], [100.0], [100.0], [1.0]]) if "large" in phrase else img.affine
+    make(img.get_fdata(dtype=np.float32), affine).to_filename(path)
+    assert main(["prepare", "--src", str(src), "--out", str(tmp_path / "cache"), "--size", "16"]) == 0
+    said = capsys.readouterr()
+    assert re.search(f"rejected .*{path.name}: .*{re.escape(phrase)}", said.out + said.err), said
+    assert "should be non-zero" not in said.err.split("rejected")[0]  # no line of nibabel's before the reasons
+    assert len(read_manifest(tmp_path / "cache")) == 5
+
+
+def _nifti_any(data, affine):
+    return nib.Nifti1Image(data, affine)
+
+
+def _zero_pixdim(data):
+    img = nib.Nifti1Image(data, None)
+    img.header.set_sform(None, code=0)
+    img.header.set_qform(None, code=0)
+    img.header["pixdim"][1:4] = [0.0, 12.0, 12.0]
+    return img
+
+
 def test_a_symlinked_out_is_followed_and_kept(tmp_path, cohort_dir):
     target = prepare(str(cohort_dir), tmp_path / "real", size=16, progress=False).out
     (tmp_path / "link").symlink_to(target)
@@ -762,8 +831,8 @@ def test_the_newest_good_checkpoint_is_used_when_the_newest_is_damaged(tmp_path,
     assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
     newest = list_checkpoints(run / "checkpoints")[-1]
     newest.write_bytes(newest.read_bytes()[:1000])
-    with pytest.warns(UserWarning, match="using the newest older checkpoint"):
-        assert main(["sample", "--checkpoint", str(run / "checkpoints"), "--n", "2", "--out", str(tmp_path / "s")]) == 0
+    assert main(["sample", "--checkpoint", str(run), "--n", "2", "--out", str(tmp_path / "s")]) == 0  # a run folder
+    assert "; using the newest older checkpoint that loads\n" in capsys.readouterr().err
 
 
 def test_a_course_run_again_with_other_notebooks_keeps_the_earlier_ones_in_its_summary(tmp_path, monkeypatch):
@@ -785,8 +854,9 @@ def test_evaluate_skips_only_the_memorisation_check_when_the_training_cache_has_
     assert main(["train", "--data", str(cache), "--out", str(run), *TRAIN]) == 0
     cache.rename(tmp_path / "moved")
     argv = ["evaluate", "--real", "synth", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "e")]
-    with pytest.warns(UserWarning, match="no longer there; the memorisation check is skipped"):
-        assert main([*argv, "--n", "8", "--pairs", "10", "--n-anatomy", "2"]) == 0
+    assert main([*argv, "--n", "8", "--pairs", "10", "--n-anatomy", "2"]) == 0
+    said = capsys.readouterr().err
+    assert re.search("^alphagan evaluate: .*no longer there; the memorisation check is skipped", said, re.M), said
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert "memorisation" not in next(iter(results["models"].values()))
 

@@ -19,6 +19,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -48,6 +49,9 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
 DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
 MAX_VOXELS = 512**3  # a header promising more is refused before its data are read (1 mm brains: about 8 M voxels)
 MIN_BRAIN_EXTENT_MM = 50.0  # a brain is at least this long on every axis (adult brains: 140-180 mm)
+MAX_BRAIN_EXTENT_MM = 400.0  # a head scan's whole field of view, neck included, is shorter than this on every axis
+LABEL_VALUES = 16  # a volume of at most this many distinct values is a label map or a mask, not an intensity image
+UNIT_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}  # NIfTI's spatial units; unknown: mm
 
 
 # ---------------------------------------------------------------------------------------------- finding files
@@ -220,13 +224,35 @@ def sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+class _Repairs(logging.Handler):
+    """What nibabel says it repaired while reading a header, kept instead of printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(record.getMessage())
+
+
+def _load(path: str | Path):
+    """nibabel's image of `path`, and what nibabel repaired in its header on the way (it would print that, and
+    a zero pixdim repaired to 1 mm makes a wrong brain: `_check_affine` refuses it)."""
+    logger, repairs = nib.imageglobals.logger, _Repairs()
+    handlers, logger.handlers = logger.handlers, [repairs]
+    try:
+        return nib.load(str(path)), repairs.said
+    finally:
+        logger.handlers = handlers
+
+
 def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """The volume of `path` as float32 in RAS orientation, and its voxel sizes in mm.
 
     Raises InputError, naming the reason, for anything that is not one usable 3-D image.
     """
     try:
-        img = nib.load(str(path))
+        img, repaired = _load(path)
     except Exception as exc:  # nibabel raises many types for unreadable files
         raise InputError(f"not a readable NIfTI/MGH image ({type(exc).__name__}: {exc})") from None
     shape = img.shape
@@ -242,7 +268,9 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
         raise InputError(f"not a 3-D volume (shape {shape})")
     if int(np.prod(img.shape, dtype=np.int64)) > MAX_VOXELS:
         raise InputError(f"its header says {img.shape} voxels, above the limit of {MAX_VOXELS:,} (512³)")
-    _check_affine(img)
+    _check_affine(img, repaired)
+    if img.get_data_dtype().kind == "c":
+        raise InputError("complex-valued voxels (phase and magnitude); give the magnitude image")
     try:
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -252,14 +280,21 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
         ) from None
     # The voxel sizes of the affine that the NIfTI rules choose (sform, else qform, else pixdim; nibabel's
     # `affine`), which also decided the orientation: pixdim alone may disagree with it.
-    spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+    spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0)) * _unit_mm(img)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"invalid voxel sizes {spacing.tolist()}")
     return data, spacing
 
 
-def _check_affine(img) -> None:
-    """Refuse a header whose voxel-to-world affine cannot be trusted, with the reason."""
+def _unit_mm(img) -> float:
+    """Millimetres per unit of the header's affine: NIfTI states its spatial unit (metres, mm, microns)."""
+    units = img.header.get_xyzt_units()[0] if hasattr(img.header, "get_xyzt_units") else "mm"
+    return UNIT_MM.get(units, 1.0)
+
+
+def _check_affine(img, repaired: list[str]) -> None:
+    """Refuse a header whose voxel-to-world affine cannot be trusted, with the reason (`repaired`: what nibabel
+    repaired while reading it)."""
     affine = np.asarray(img.affine, dtype=float)
     if not np.all(np.isfinite(affine)):
         raise InputError(
@@ -268,13 +303,18 @@ def _check_affine(img) -> None:
         )
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError("its affine (sform/qform) is singular: the voxels have no size or orientation")
+    header = img.header
+    if isinstance(header, nib.Nifti1Header) and header["sform_code"] == 0 and header["qform_code"] == 0:
+        zero = [text for text in repaired if "pixdim" in text and "non-zero" in text]
+        if zero:  # nibabel took 1 mm for them
+            raise InputError(f"no sform or qform, and voxel sizes of 0 in its pixdim ({zero[0]}); fix the header")
 
 
 def _descrip(path: Path) -> str:
     """The text of a NIfTI header's descrip field; empty for other formats, and for unreadable files, which
     `load_ras` reports with their reason."""
     try:
-        descrip = nib.load(str(path)).header.get("descrip")
+        descrip = _load(path)[0].header.get("descrip")
     except Exception:
         return ""
     if descrip is None:
@@ -308,10 +348,30 @@ def check_volume(data: np.ndarray, spacing: np.ndarray) -> None:
     if lo == hi:
         raise InputError("all-zero volume" if hi == 0 else f"constant volume (every voxel is {hi:g})")
     extent = _foreground_extent_mm(data, spacing)
+    measures = f"the non-zero region measures {' x '.join(f'{e:.0f}' for e in extent)} mm"
     if np.any(extent < MIN_BRAIN_EXTENT_MM):
         raise InputError(
-            f"too small to be a brain: the non-zero region measures "
-            f"{' x '.join(f'{e:.0f}' for e in extent)} mm (at least {MIN_BRAIN_EXTENT_MM:.0f} mm per axis expected)"
+            f"too small to be a brain: {measures} (at least {MIN_BRAIN_EXTENT_MM:.0f} mm per axis expected)"
+        )
+    if np.any(extent > MAX_BRAIN_EXTENT_MM):
+        raise InputError(
+            f"too large to be a head: {measures} (at most {MAX_BRAIN_EXTENT_MM:.0f} mm per axis expected); its voxel "
+            f"sizes or spatial unit (pixdim, xyzt_units) are wrong"
+        )
+    _check_not_labels(data)
+
+
+def _check_not_labels(data: np.ndarray) -> None:
+    """Refuse a label map or a mask (a segmentation beside the scans), which has only a few distinct values: a
+    strided sample decides for almost every scan, the whole volume for the rest."""
+    if len(np.unique(data.ravel()[:: max(1, data.size // 100_000)])) > LABEL_VALUES:
+        return
+    values = np.unique(data)
+    if len(values) <= LABEL_VALUES:
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise InputError(
+            f"only {len(values)} distinct values ({shown}): a label map or a mask, not an intensity image; give the "
+            f"scan (a --layout or --modality that leaves out segmentations)"
         )
 
 
