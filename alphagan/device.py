@@ -22,9 +22,17 @@ from alphagan.losses import Terms
 def pick_device(name: str = "auto") -> torch.device:
     """CUDA if present, else Apple's MPS, else the CPU; or the device named, if this machine has it."""
     if name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            device = torch.device("meta")  # refused just below, with the names that work
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device {name}: not a device alphagan trains on; use auto, cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {name}: no CUDA GPU here (torch {torch.__version__}); use --device cpu or auto")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
         if device.type == "mps" and not _mps():
             raise ValueError(f"--device {name}: Apple's MPS is not available here; use --device cpu or auto")
         return device

@@ -180,20 +180,30 @@ def evaluate(
     wrong = _wrong_real_side(source, contrast, trained_on, configs)
     if wrong is not None:
         raise ValueError(wrong)
+    feature_net = features.load_feature_network(feature_weights) if feature_weights else None
     ev = Evaluation(
         str(source), files, n, pairs, mmd_batch, mmd_repetitions, n_anatomy, contrast, feature_weights, seed
     )
     keep = {"--real": source.cache, "--features": feature_weights, **{f"--checkpoint {c}": c for c in files}}
     with claim(out, "evaluate", asdict(ev), list(EVALUATE_FILES), overwrite=overwrite, keep=keep) as owned:
         states = [state for _, state in opened]
-        return _evaluate(ev, states, trained_on, owned.folder, str(pick_device(device or "auto")))
+        chosen = str(pick_device(device or "auto"))
+        return _evaluate(ev, states, trained_on, feature_net, owned.folder, chosen)
 
 
 EVALUATE_FILES = ("results.json", "table.md", "pca.png", "volumes.png", "nearest.png")
 
 
-def _evaluate(ev: Evaluation, states: list[dict], trained_on: dict[str, str | None], out: Path, device: str) -> dict:
-    """`evaluate` once its folder is claimed, with the checkpoints' `states` and the data each trained on."""
+def _evaluate(
+    ev: Evaluation,
+    states: list[dict],
+    trained_on: dict[str, str | None],
+    feature_net: features.ResNet3D | None,
+    out: Path,
+    device: str,
+) -> dict:
+    """`evaluate` once its folder is claimed, with the checkpoints' `states`, the data each trained on and the
+    feature network of the Fréchet distance (None: none)."""
     models = [generator_of(state, device) for state in states]
     sizes = {cfg.size for _, cfg, _ in models}
     if len(sizes) != 1:
@@ -220,7 +230,7 @@ def _evaluate(ev: Evaluation, states: list[dict], trained_on: dict[str, str | No
                 "contrast": ev.contrast,
             },
         }
-        feature_net = features.load_feature_network(ev.features).to(device) if ev.features else None
+        feature_net = feature_net.to(device) if feature_net is not None else None
 
         generated, tissues, nearest = {}, {}, {}
         for checkpoint, (G, cfg, state) in zip(ev.checkpoints, models):

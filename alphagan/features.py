@@ -82,7 +82,9 @@ def load_feature_network(path: str, depth: int = 10) -> ResNet3D:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise
+        raise FileNotFoundError(
+            f"--features {path}: no such file; give MedicalNet's resnet_10.pth, or leave it out"
+        ) from None
     except Exception as exc:  # not a torch file, or one that needs unpickling code (which is never run here)
         raise ValueError(f"{path}: not a file of PyTorch weights that loads safely ({type(exc).__name__})") from None
     if not isinstance(state, dict):

@@ -220,7 +220,8 @@ def owner_record(folder: Path) -> dict[str, Any] | None:
     return record
 
 
-def _shown(names: list[str]) -> str:
+def shown_names(names: list[str]) -> str:
+    """A list of names as a message shows it: the first four, and how many more."""
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
@@ -242,7 +243,7 @@ def refusal(folder: Path, command: str, record: dict | None, settings: dict, res
         names = (p.name for p in folder.iterdir())
         entries = sorted(n for n in names if n not in (MANIFEST, LOCK) and not _TEMPORARY.match(n))
         if entries:
-            return f"holds files that no alphagan command wrote ({_shown(entries)}); choose another --out"
+            return f"holds files that `alphagan {command}` did not write ({shown_names(entries)}); choose another --out"
         return None
     if record["command"] != command:
         return f"holds the output of `alphagan {record['command']}`; choose another --out"

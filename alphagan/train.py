@@ -36,7 +36,7 @@ from alphagan import metrics, runs
 from alphagan.checkpoint import load_newest, save_checkpoint
 from alphagan.config import Config
 from alphagan.data.dataset import Batches, Source, load_training_volumes
-from alphagan.device import Graphed, pick_dtype, processes, use_graphs
+from alphagan.device import Graphed, pick_device, pick_dtype, processes, use_graphs
 from alphagan.losses import Terms
 from alphagan.models import build_networks
 from alphagan.progress import tqdm
@@ -255,6 +255,7 @@ def train(
     instead of at random (fine-tuning; the optimisers and the iteration start afresh). `after_iteration(done)` is
     called after every iteration (a profiler's `step`, a notebook's own display)."""
     cfg, out = cfg.validate(), Path(out)
+    pick_device(cfg.device)  # a device this machine lacks is refused before the run folder is made
     data = str(Source.parse(data))  # a cache as its absolute path: the run can be evaluated from anywhere
     use_headless_backend()
     with runs.claim_run(out, cfg, data, resume, overwrite, init):

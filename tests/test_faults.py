@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import zipfile
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -279,9 +280,32 @@ def test_synth_refuses_a_folder_of_the_users_files_byte_for_byte(tmp_path, cohor
     mine = tmp_path / "mine"
     shutil.copytree(cohort_dir, mine, ignore=shutil.ignore_patterns(".alphagan*"))  # the user's own files
     before = _snapshot(mine)
-    _fails(capsys, [*SYNTH, "--out", str(mine)], "no alphagan command wrote", "participants.tsv")
-    _fails(capsys, [*SYNTH, "--out", str(mine), "--overwrite"], "no alphagan command wrote")
+    _fails(capsys, [*SYNTH, "--out", str(mine)], "files that `alphagan synth` did not write", "participants.tsv")
+    _fails(capsys, [*SYNTH, "--out", str(mine), "--overwrite"], "files that `alphagan synth` did not write")
     assert _snapshot(mine) == before
+
+
+def test_a_cache_never_loses_subjects_without_overwrite_and_reuses_the_same_bytes_by_any_path(
+    tmp_path, cohort_dir, capsys, monkeypatch
+):
+    """`prepare` into its own cache adds subjects; one that would drop some (another --src, or files removed from
+    it) is refused, untouched, until --overwrite. A subject is known by its bytes, not by how its path is spelled."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    files = sorted(cohort_dir.glob("*.nii.gz"))
+    for folder, chosen in ((first, files[:3]), (second, files[3:])):
+        folder.mkdir()
+        for path in chosen:
+            shutil.copy(path, folder / path.name)
+    out = tmp_path / "cache"
+    assert main(["prepare", "--src", str(first), "--out", str(out), "--size", "16"]) == 0
+    before = _snapshot(out)
+    _fails(capsys, ["prepare", "--src", str(second), "--out", str(out), "--size", "16"], "holds 3 subject(s) that")
+    assert _snapshot(out) == before
+    monkeypatch.chdir(tmp_path)  # the same files by a relative path: reused, not prepared again
+    assert main(["prepare", "--src", "first", "--out", "cache", "--size", "16"]) == 0
+    assert "0 volumes written, 3 unchanged" in capsys.readouterr().out
+    assert main(["prepare", "--src", str(second), "--out", str(out), "--size", "16", "--overwrite"]) == 0
+    assert sorted(Path(row["source"]).name for row in read_manifest(out)) == [p.name for p in files[3:]]
 
 
 def test_a_second_synth_with_other_settings_needs_overwrite_which_deletes_only_its_own(tmp_path, capsys):
@@ -306,7 +330,7 @@ def test_train_overwrite_refuses_the_users_own_config_and_samples(tmp_path, caps
     (out / "config.json").write_text('{"my": "settings"}')
     (out / "samples" / "figure.png").write_bytes(b"\x89PNG mine")
     before = _snapshot(out)
-    _fails(capsys, ["train", "--data", "synth", "--out", str(out), *TRAIN, "--overwrite"], "no alphagan command")
+    _fails(capsys, ["train", "--data", "synth", "--out", str(out), *TRAIN, "--overwrite"], "did not write")
     assert _snapshot(out) == before
 
 
@@ -563,6 +587,8 @@ def test_one_definition_of_a_size_for_prepare_and_train(tmp_path, cohort_dir, ca
         (["--seed", "-1"], "--seed must be a whole number from 0"),
         (["--resume", "--overwrite"], "--resume continues the run"),
         (["--resume", "--init", "elsewhere"], "--init starts another"),
+        (["--device", "tpu"], "--device tpu: not a device alphagan trains on; use auto, cpu, cuda, cuda:N or mps"),
+        (["--device", "cuda:7"], "--device cuda:7: "),
     ],
 )
 def test_settings_that_cannot_learn_and_flags_that_contradict_are_refused_by_name(tmp_path, capsys, flags, phrase):

@@ -36,11 +36,13 @@ from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, wri
 from alphagan.data.space import GENERATED_MARK, InputError, bounding_box, normalise, origin_of, to_cube
 from alphagan.folders import (
     MANIFEST,
+    FolderRefused,
     atomic_folder,
     check_claim,
     end_with_parent,
     recover_folder,
     reserved_array,
+    shown_names,
     take_lock,
 )
 from alphagan.progress import tqdm
@@ -443,8 +445,9 @@ class PrepareResult:
     rejected: list[tuple[str, str]]
 
 
-def _read_previous(out: Path, settings: Settings) -> dict[tuple[str, int, str], tuple[np.ndarray, dict]]:
-    """Volumes and manifest rows of an earlier run with the same settings, keyed by (source, channel, checksum)."""
+def _read_previous(out: Path, settings: Settings) -> dict[tuple[str, int], tuple[np.ndarray, dict]]:
+    """Volumes and manifest rows of an earlier run with the same settings, keyed by (checksum, channel): the same
+    bytes make the same volume, whatever path spells them."""
     try:
         previous = json.loads((out / "settings.json").read_text())
         if previous != asdict(settings):
@@ -453,7 +456,7 @@ def _read_previous(out: Path, settings: Settings) -> dict[tuple[str, int, str], 
         rows = read_manifest(out)
     except (OSError, ValueError):
         return {}
-    return {(r["source"], int(r["channel"]), r["sha256"]): (volumes[i], r) for i, r in enumerate(rows)}
+    return {(r["sha256"], int(r["channel"])): (volumes[i], r) for i, r in enumerate(rows)}
 
 
 def _check_out(src: str, out: Path, settings: Settings, overwrite: bool) -> None:
@@ -524,7 +527,7 @@ def prepare(
             f"{src}: no input images found (layout {layout!r}, modality {modality!r}): {why_no_inputs(src)}"
         )
     with _locked(out):
-        return _prepare_locked(entries, src, out, settings, workers, progress, allow_generated)
+        return _prepare_locked(entries, src, out, settings, workers, progress, allow_generated, overwrite)
 
 
 def _once(entries: list[Entry], progress: bool) -> tuple[list[Entry], list[tuple[str, str]]]:
@@ -555,6 +558,23 @@ def _once(entries: list[Entry], progress: bool) -> tuple[list[Entry], list[tuple
     return kept, rejected
 
 
+def _dropped(out: Path, entries: list[Entry]) -> list[str]:
+    """The sources of the cache in `out` that none of `entries` has, neither their bytes (checksummed, whatever
+    path spells them) nor their file (changed since): what replacing the cache with `entries` would lose."""
+    try:
+        rows = read_manifest(out)
+    except (OSError, ValueError):
+        return []
+    inputs = {(entry.sha256, entry.channel) for entry in entries}
+    inputs |= {(os.path.realpath(entry.source), entry.channel) for entry in entries}
+    lost = []
+    for row in rows:
+        channel = int(row["channel"])
+        if not {(row.get("sha256"), channel), (os.path.realpath(row["source"]), channel)} & inputs:
+            lost.append(row["source"])
+    return lost
+
+
 def _prepare_locked(
     entries: list[Entry],
     src: str,
@@ -563,13 +583,19 @@ def _prepare_locked(
     workers: int | None,
     progress: bool,
     allow_generated: bool = False,
+    overwrite: bool = False,
 ) -> PrepareResult:
     entries, duplicates = _once(entries, progress)
+    lost = [] if overwrite else _dropped(out, entries)
+    if lost:  # the cache would lose subjects: another --src, or files removed from it
+        raise FolderRefused(
+            f"{out}: holds {len(lost)} subject(s) that --src {src} does not have ({shown_names(lost)}); add "
+            f"--overwrite to replace the cache with the inputs of --src alone, or choose another --out"
+        )
     previous = _read_previous(out, settings)
     todo, reused = [], []
     for index, entry in enumerate(entries):
-        key = (entry.source, entry.channel, entry.sha256)
-        (reused if key in previous else todo).append((index, entry))
+        (reused if (entry.sha256, entry.channel) in previous else todo).append((index, entry))
 
     with atomic_folder(out) as tmp:
         # Volumes are written as they arrive, into a scratch array in input order; never all held in memory.
@@ -577,7 +603,7 @@ def _prepare_locked(
         ok = [False] * len(entries)
         rejected: list[tuple[str, str]] = list(duplicates)
         for index, entry in reused:
-            volume, row = previous[(entry.source, entry.channel, entry.sha256)]
+            volume, row = previous[(entry.sha256, entry.channel)]
             entry.shape, entry.spacing, entry.fov_mm = row["shape"], row["spacing"], float(row["fov_mm"])
             entry.origin = row.get("origin") or ""  # caches written before origins were recorded have none
             scratch[index], ok[index] = volume, True
