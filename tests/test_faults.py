@@ -521,6 +521,19 @@ def test_a_format_prepare_does_not_read_is_named_with_the_fix(tmp_path, cohort_d
         _fails(capsys, ["prepare", "--src", str(src / "scans.zip"), "--out", str(tmp_path / "c")], "unpack it")
 
 
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [
+        (["--layout", "brats"], "it holds 6 NIfTI/MGH file(s) (e.g. sub-normal0000_t1.nii.gz), none of which --layout"),
+        (["--modality", "pd"], "none of which --layout auto and --modality pd select; check them, or leave them out"),
+    ],
+)
+def test_inputs_that_the_layout_or_modality_leave_out_are_named(tmp_path, cohort_dir, capsys, flags, phrase):
+    _fails(capsys, ["prepare", "--src", str(cohort_dir), "--out", str(tmp_path / "c"), *flags], phrase)
+    _fails(capsys, ["prepare", "--src", f"{cohort_dir}/*.mgz", "--out", str(tmp_path / "c")], "no file matches")
+    assert not (tmp_path / "c").exists()
+
+
 def test_features_that_are_not_torch_weights_are_one_line(tmp_path, capsys):
     from alphagan.features import load_feature_network
 

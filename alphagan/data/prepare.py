@@ -159,12 +159,28 @@ def _format_of(path: Path) -> str | None:
         return None
 
 
-def why_no_inputs(src: str) -> str:
-    """What `src` holds instead of NIfTI/MGH volumes, and what to do about it."""
+def why_no_inputs(src: str, layout: str = "auto", modality: str | None = None) -> str:
+    """Why `src` gave no input for `layout` and `modality`: what it holds instead of NIfTI/MGH volumes, or which
+    volumes the two left out; and what to do about it."""
     root = Path(src)
-    files = (
-        [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())[:2000] if root.is_dir() else []
-    )
+    if _is_pattern(src):
+        files = _pattern_files(src)
+        if not files:
+            return "no file matches this pattern"
+    else:
+        files = (
+            [root]
+            if root.is_file()
+            else sorted(p for p in root.rglob("*") if p.is_file())[:2000]
+            if root.is_dir()
+            else []
+        )
+    images = [p for p in files if _is_image(p)]
+    if images:
+        return (
+            f"it holds {len(images)} NIfTI/MGH file(s) (e.g. {images[0].name}), none of which --layout {layout} and "
+            f"--modality {modality or '(none)'} select; check them, or leave them out"
+        )
     formats = {f for f in map(_format_of, files) if f}
     if "archive" in formats:
         return "it holds an archive (zip/tar); unpack it and give the folder as --src"
@@ -523,9 +539,7 @@ def prepare(
     _check_out(src, out, settings, overwrite)
     entries = find_inputs(src, layout, modality)
     if not entries:
-        raise FileNotFoundError(
-            f"{src}: no input images found (layout {layout!r}, modality {modality!r}): {why_no_inputs(src)}"
-        )
+        raise FileNotFoundError(f"{src}: no input images found: {why_no_inputs(src, layout, modality)}")
     with _locked(out):
         return _prepare_locked(entries, src, out, settings, workers, progress, allow_generated, overwrite)
 
