@@ -167,19 +167,10 @@ def evaluate(
     side that is not held out, or not the kind of data a model learned, is refused (`_wrong_real_side`)."""
     use_headless_backend()
     source = Source.parse(real)  # a bad --real is named before any model is loaded
-    if not source.synthetic:
-        load_cache(source.cache)
+    held = None if source.synthetic else load_cache(source.cache)[2]["size"]
     opened = [open_checkpoint(c) for c in checkpoints]  # loaded once; a folder's damaged newest is passed over
-    files = tuple(str(path.resolve()) for path, _ in opened)
-    twice = sorted({f for f in files if files.count(f) > 1})
-    if twice:  # two rows of one model would read as two models that agree
-        raise ValueError(f"--checkpoint: {twice[0]} is given twice (a folder names its newest); give each model once")
     contrast = contrast or source.contrast
-    configs = [Config.from_dict(state["config"]) for _, state in opened]
-    trained_on = {f: _run_data(f) for f in files}
-    wrong = _wrong_real_side(source, contrast, trained_on, configs)
-    if wrong is not None:
-        raise ValueError(wrong)
+    files, trained_on = _checked_inputs(source, held, opened, contrast)
     feature_net = features.load_feature_network(feature_weights) if feature_weights else None
     ev = Evaluation(
         str(source), files, n, pairs, mmd_batch, mmd_repetitions, n_anatomy, contrast, feature_weights, seed
@@ -189,6 +180,32 @@ def evaluate(
         states = [state for _, state in opened]
         chosen = str(pick_device(device or "auto"))
         return _evaluate(ev, states, trained_on, feature_net, owned.folder, chosen)
+
+
+def _checked_inputs(
+    source: Source, held: int | None, opened: list[tuple[Path, dict]], contrast: str
+) -> tuple[tuple[str, ...], dict[str, str | None]]:
+    """The checkpoints' files and the data each trained on, once the inputs are known to fit together: each model
+    once, one size for all and for a cache on the real side (`held`: its size), and a real side that is held out
+    and the data the models learned (`_wrong_real_side`)."""
+    files = tuple(str(path.resolve()) for path, _ in opened)
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:  # two rows of one model would read as two models that agree
+        raise ValueError(f"--checkpoint: {twice[0]} is given twice (a folder names its newest); give each model once")
+    configs = [Config.from_dict(state["config"]) for _, state in opened]
+    sizes = sorted({cfg.size for cfg in configs})
+    if len(sizes) != 1:
+        raise ValueError(f"--checkpoint: the models generate different sizes {sizes}; evaluate them separately")
+    if held not in (None, sizes[0]):
+        raise ValueError(
+            f"--real {source.cache}: holds {held}³ volumes and the models generate {sizes[0]}³; prepare a held-out "
+            f"cache at that size (`python -m alphagan prepare ... --size {sizes[0]}`)"
+        )
+    trained_on = {f: _run_data(f) for f in files}
+    wrong = _wrong_real_side(source, contrast, trained_on, configs)
+    if wrong is not None:
+        raise ValueError(wrong)
+    return files, trained_on
 
 
 EVALUATE_FILES = ("results.json", "table.md", "pca.png", "volumes.png", "nearest.png")
@@ -205,10 +222,7 @@ def _evaluate(
     """`evaluate` once its folder is claimed, with the checkpoints' `states`, the data each trained on and the
     feature network of the Fréchet distance (None: none)."""
     models = [generator_of(state, device) for state in states]
-    sizes = {cfg.size for _, cfg, _ in models}
-    if len(sizes) != 1:
-        raise ValueError(f"the checkpoints generate different sizes {sorted(sizes)}; evaluate them separately")
-    size = sizes.pop()
+    size = models[0][1].size  # one size for all (`evaluate`)
     _check_memory(ev.n, size, len(models))
     # One bar from the first second: the real side (a synthetic one is made here) is often the longest step.
     with tqdm(total=len(models) + 1, desc="evaluate: the real side", unit="set") as bar:

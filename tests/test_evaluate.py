@@ -199,3 +199,12 @@ def test_a_missing_feature_network_is_refused_before_any_work(runs, tmp_path, ca
     assert main([*argv, "--features", str(tmp_path / "resnet_10.pth")]) == 1
     assert capsys.readouterr().err.endswith("no such file; give MedicalNet's resnet_10.pth, or leave it out\n")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_real_cache_of_another_size_is_refused_before_any_work(runs, tmp_path, cohort_dir, capsys):
+    cache = prepare(str(cohort_dir), tmp_path / "c32", size=32, progress=False).out
+    argv = ["evaluate", "--real", str(cache), "--checkpoint", str(runs / "vae-gan"), "--out", str(tmp_path / "e")]
+    assert main(argv) == 1
+    said = capsys.readouterr().err
+    assert "holds 32³ volumes and the models generate 16³; prepare a held-out cache at that size" in said, said
+    assert not (tmp_path / "e").exists()

@@ -167,14 +167,10 @@ def why_no_inputs(src: str, layout: str = "auto", modality: str | None = None) -
         files = _pattern_files(src)
         if not files:
             return "no file matches this pattern"
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file())[:2000]
     else:
-        files = (
-            [root]
-            if root.is_file()
-            else sorted(p for p in root.rglob("*") if p.is_file())[:2000]
-            if root.is_dir()
-            else []
-        )
+        files = [root] if root.is_file() else []
     images = [p for p in files if _is_image(p)]
     if images:
         return (
