@@ -88,16 +88,21 @@ def decoy_scores(real: np.ndarray, decoy: np.ndarray, pairs: int, repetitions: i
     return {"paper_mmd": paper.mean, "kernel_mmd2": kernel, "ms_ssim": diversity}
 
 
-# Peak memory of the Gaussian MMD per square of --n (`metrics.mmd_gaussian`: the median heuristic's distances
-# among the pooled 2n volumes, their mask and copies, then the three kernel matrices): 134 and 136 bytes, measured
-# as the growth of peak RSS at n = 4000 and 2000.
-PAIRWISE_BYTES = 140
+# What the metrics hold beyond the volumes themselves, at their peak (`bench/evaluate_memory.py` measures it): the
+# libraries' own working memory, then either the paper's MMD with four float64 blocks (a slice of each set and its
+# batches) or the Gaussian MMD with two, each block no larger than `metrics.BLOCK_BYTES` or a float64 copy of a
+# set, and its pairwise distances, 8 bytes a pair for about 2 n² pairs, with the median's copy of them.
+WORKSPACE = 2**28
+PAIRWISE_BYTES = 32
 
 
 def memory_needed(n: int, size: int, models: int) -> int:
-    """Bytes `evaluate` holds at once: the real set and every model's generated set (float32), and the pairwise
-    matrices of the MMD, which grow with the square of `n`."""
-    return (1 + models) * n * size**3 * 4 + PAIRWISE_BYTES * n**2
+    """Bytes `evaluate` holds at once: the real set and every model's generated set (float32), and the most the
+    metrics hold besides (`WORKSPACE`, float64 blocks, and the Gaussian MMD's pairwise distances, which grow
+    with the square of `n`)."""
+    sets = (1 + models) * n * size**3 * 4
+    block = min(metrics.BLOCK_BYTES, 8 * n * size**3)
+    return sets + WORKSPACE + max(4 * block, 2 * block + PAIRWISE_BYTES * n**2)
 
 
 def _check_memory(n: int, size: int, models: int = 1) -> None:
@@ -105,9 +110,9 @@ def _check_memory(n: int, size: int, models: int = 1) -> None:
     needed, available = memory_needed(n, size, models), psutil.virtual_memory().available
     if needed > available:
         raise MemoryError(
-            f"--n {n}: the real and {models} generated sets of {n} {size}³ volumes and the MMD's {n}² pairwise "
-            f"distances need {needed / 2**30:.1f} GiB of memory, {available / 2**30:.1f} GiB are available; give a "
-            f"smaller --n"
+            f"--n {n}: the real and {models} generated sets of {n} {size}³ volumes and the metrics (the MMD's "
+            f"{n}² pairwise distances) need {needed / 2**30:.1f} GiB of memory, {available / 2**30:.1f} GiB are "
+            f"available; give a smaller --n"
         )
 
 

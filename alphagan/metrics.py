@@ -27,9 +27,20 @@ from torch import Tensor
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in the paper's code
 
 
+BLOCK_BYTES = 2**27  # float64 working memory per block (128 MiB): the metrics widen blocks, never whole sets
+
+
 def _flat(volumes) -> Tensor:
-    t = volumes if isinstance(volumes, Tensor) else torch.tensor(np.asarray(volumes))  # a copy: caches are read-only
-    return t.reshape(t.shape[0], -1).double()
+    """Volumes as float32 rows (n, voxels), sharing memory with `volumes` where they allow it (a read-only cache is
+    copied); the metrics widen to float64 only what they reduce at once."""
+    if not isinstance(volumes, Tensor):
+        array = np.asarray(volumes, dtype=np.float32)
+        volumes = torch.from_numpy(array if array.flags.writeable and array.flags.c_contiguous else array.copy())
+    return volumes.reshape(volumes.shape[0], -1).float()
+
+
+def _rows_per_block(voxels: int) -> int:
+    return max(1, BLOCK_BYTES // (8 * voxels))
 
 
 def as_batch(volumes) -> Tensor:
@@ -42,7 +53,7 @@ def as_batch(volumes) -> Tensor:
 # ------------------------------------------------------------------------------------------------ MMD
 def mmd_linear(real, fake) -> float:
     """One batch of the paper's MMD: (sum g g^T + sum r r^T - 2 sum g r^T) / B^2 on flattened volumes."""
-    r, g = _flat(real), _flat(fake)
+    r, g = _flat(real).double(), _flat(fake).double()  # one batch: small
     b = r.shape[0]
     if g.shape[0] != b:
         raise ValueError(f"the paper's MMD pairs batches of equal size, got {b} real and {g.shape[0]} generated")
@@ -67,13 +78,22 @@ def mmd_batchwise(real, fake, batch: int = 8, repetitions: int = 100, seed: int 
     if n == 0:
         raise ValueError(f"need at least {batch} real and {batch} generated volumes, got {len(r)} and {len(g)}")
     rng = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(repetitions):
-        ri = torch.randperm(len(r), generator=rng)[:n].view(-1, batch)
-        gi = torch.randperm(len(g), generator=rng)[:n].view(-1, batch)
-        # ||mean(g) - mean(r)||^2 per batch equals the paper's Gram-matrix formula (see the tests).
-        diff = g[gi].mean(1) - r[ri].mean(1)
-        values.append(float(diff.pow(2).sum(1).mean()))
+    shuffles = [
+        (
+            torch.randperm(len(r), generator=rng)[:n].view(-1, batch),
+            torch.randperm(len(g), generator=rng)[:n].view(-1, batch),
+        )
+        for _ in range(repetitions)
+    ]
+    # ||mean(g) - mean(r)||^2 per batch equals the paper's Gram-matrix formula (see the tests); summed over voxels
+    # a slice at a time, in float64, so that no float64 copy of a whole set is ever made.
+    sums = torch.zeros(repetitions, n // batch, dtype=torch.float64)
+    step = _rows_per_block(n)
+    for start in range(0, r.shape[1], step):
+        r_part, g_part = r[:, start : start + step].double(), g[:, start : start + step].double()
+        for k, (ri, gi) in enumerate(shuffles):
+            sums[k] += (g_part[gi].mean(1) - r_part[ri].mean(1)).pow(2).sum(1)
+    values = sums.mean(1).tolist()
     v = np.array(values)
     voxels = r.shape[1]
     return MMDResult(
@@ -81,31 +101,55 @@ def mmd_batchwise(real, fake, batch: int = 8, repetitions: int = 100, seed: int 
     )
 
 
+def pair_distances(a: Tensor, b: Tensor | None = None) -> np.ndarray:
+    """Euclidean distances, in float64, between every row of `a` and every row of `b`, or (`b` None) between the
+    distinct rows of `a`, each pair once; computed two blocks of rows at a time (`BLOCK_BYTES`)."""
+    within = b is None
+    b = a if within else b
+    out = np.empty(len(a) * (len(a) - 1) // 2 if within else len(a) * len(b))
+    step, filled = _rows_per_block(a.shape[1]), 0
+    for i in range(0, len(a), step):
+        a_block = a[i : i + step].double()
+        for j in range(i if within else 0, len(b), step):
+            d = torch.cdist(a_block, b[j : j + step].double())
+            if within and i == j:  # a block with itself: the pairs (p, q) with p < q, above its diagonal
+                d = d[torch.ones(d.shape, dtype=torch.bool).triu(1)]
+            values = d.flatten().numpy()
+            out[filled : filled + len(values)] = values
+            filled += len(values)
+    return out[:filled] if within else out
+
+
 def median_bandwidth(x: Tensor, y: Tensor) -> float:
     """The median heuristic: the median distance between distinct points of the pooled sample (numpy's median,
     the mean of the two middle values for an even count; torch.median would take the lower one)."""
-    pooled = torch.cat([x, y])
-    d = torch.cdist(pooled, pooled)
-    return float(np.median(d[~torch.eye(len(pooled), dtype=torch.bool)].numpy()))
+    return _median_of_pairs(pair_distances(x), pair_distances(y), pair_distances(x, y))
+
+
+def _median_of_pairs(*distances: np.ndarray) -> float:
+    # Each distinct pooled pair once: the median of the full matrix's off-diagonal, where each appears twice.
+    return float(np.median(np.concatenate(distances), overwrite_input=True))
 
 
 def mmd_gaussian(real, fake, bandwidth: float | None = None) -> tuple[float, float]:
     """Unbiased MMD^2 with the kernel exp(-|a - b|^2 / (2 sigma^2)), sigma by the median heuristic.
 
-    Returns (MMD^2, sigma). Unbiased: the diagonal terms k(x_i, x_i) are left out of the within-sample means.
+    Returns (MMD^2, sigma). Unbiased: the diagonal terms k(x_i, x_i) are left out of the within-sample means. The
+    pairwise distances are computed once (`pair_distances`), 8 bytes a pair.
     """
     x, y = _flat(real), _flat(fake)
     m, n = len(x), len(y)
     if m < 2 or n < 2:
         raise ValueError("the unbiased MMD needs at least two volumes on each side")
-    sigma = bandwidth or median_bandwidth(x, y)
+    dxx, dyy, dxy = pair_distances(x), pair_distances(y), pair_distances(x, y)
+    sigma = bandwidth or _median_of_pairs(dxx, dyy, dxy)
 
-    def k(a, b):
-        return torch.exp(-torch.cdist(a, b).pow(2) / (2 * sigma**2))
+    def k(d: np.ndarray) -> np.ndarray:
+        return np.exp(-(d**2) / (2 * sigma**2))
 
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    value = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
-    return float(value - 2 * kxy.mean()), sigma
+    # Within a sample each distinct pair stands for two off-diagonal terms.
+    value = 2 * k(dxx).sum() / (m * (m - 1)) + 2 * k(dyy).sum() / (n * (n - 1)) - 2 * k(dxy).mean()
+    return float(value), sigma
 
 
 # ------------------------------------------------------------------------------------------------ SSIM
@@ -227,7 +271,7 @@ def spread(volumes) -> float:
     """How much volumes differ from each other: the standard deviation across them at each voxel, averaged over
     voxels. Divided by the same for real volumes it tells collapse apart from diversity: near 0, the generator
     makes one volume (or, for reconstructions, one volume whatever the input)."""
-    return float(_flat(volumes).std(0, unbiased=False).mean())
+    return float(_flat(volumes).double().std(0, unbiased=False).mean())
 
 
 # ------------------------------------------------------------------------------------------------ PCA
@@ -235,6 +279,7 @@ def pca_projection(real, generated: dict[str, np.ndarray], components: int = 2, 
     """Fit PCA on the real volumes and project every set on it: (real_2d, {name: 2d}, explained variance)."""
     from sklearn.decomposition import PCA
 
+    # In float32, as the volumes are: a float64 fit would hold three float64 copies of the real set at once.
     pca = PCA(n_components=components, random_state=seed).fit(_flat(real).numpy())
     projected = {name: pca.transform(_flat(v).numpy()) for name, v in generated.items()}
     return pca.transform(_flat(real).numpy()), projected, pca.explained_variance_ratio_
@@ -260,7 +305,7 @@ class Memorisation:
 
 def nearest_neighbours(queries, reference, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Per query, the root-mean-square voxel distance to its nearest reference volume, and that volume's index."""
-    q, r = _flat(queries).float(), _flat(reference).float()
+    q, r = _flat(queries), _flat(reference)
     dists, idx = [], []
     for i in range(0, len(q), batch):
         d = torch.cdist(q[i : i + batch], r) / math.sqrt(r.shape[1])

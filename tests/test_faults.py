@@ -550,10 +550,11 @@ def test_sizes_that_cannot_fit_are_refused_saying_what_they_need(tmp_path, capsy
         main([*SYNTH[:3], "--size", "1000", "--out", str(tmp_path / "x")])
     assert "must be from 8 to 256" in capsys.readouterr().err
     monkeypatch.setattr(evaluate.psutil, "virtual_memory", lambda: collections.namedtuple("m", "available")(2**30))
-    # 2 x 100 000 x 16³ float32 volumes (3.05 GiB) and 140 bytes per 100 000² pair (1303.85 GiB)
-    with pytest.raises(MemoryError, match=r"--n 100000: .* need 1306\.9 GiB of memory, 1\.0 GiB are available"):
+    # 2 x 100 000 x 16³ float32 volumes (3.05 GiB), 0.25 GiB of workspace, two float64 blocks of 128 MiB, and
+    # 32 bytes per 100 000² pair (298.02 GiB)
+    with pytest.raises(MemoryError, match=r"--n 100000: .* need 301\.6 GiB of memory, 1\.0 GiB are available"):
         evaluate._check_memory(100_000, 16)
-    evaluate._check_memory(1_000, 16)  # 31 MB and 140 MB
+    evaluate._check_memory(1_000, 16)  # 31 MB, 256 MiB and four blocks of 31 MiB
 
 
 def test_sample_streams_its_volumes_so_memory_stays_flat_in_n():

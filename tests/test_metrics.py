@@ -149,8 +149,8 @@ def test_pca_is_fitted_on_the_real_set():
     np.testing.assert_allclose(
         np.abs(projected["model"]),
         np.abs(reference.transform(fake.reshape(7, -1).double().numpy())),
-        rtol=1e-6,
-        atol=1e-8,
+        rtol=1e-4,  # the package fits in float32, as the volumes are; the reference in float64
+        atol=1e-6,
     )
     assert real_2d.shape == (10, 2) and len(variance) == 2
 
