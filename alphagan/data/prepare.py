@@ -633,6 +633,7 @@ def _prepare_locked(
                 else:
                     scratch[index], ok[index] = volume, True
                 bar.update()
+        rejected += _same_images(scratch, ok, entries)
         for source, reason in rejected:
             print(f"rejected {source}: {reason}", file=sys.stderr)
         good = [i for i, flag in enumerate(ok) if flag]
@@ -642,6 +643,25 @@ def _prepare_locked(
         del scratch
         (tmp / "scratch.npy").unlink()
     return PrepareResult(out, len(good) - len(reused), len(reused), rejected)
+
+
+def _same_images(volumes: np.ndarray, ok: list[bool], entries: list[Entry]) -> list[tuple[str, str]]:
+    """Each image once, whatever its file: a prepared volume identical to an earlier one (the same scan saved again,
+    as .nii and .nii.gz, or with another header text) is left out (`ok` cleared), with the reason."""
+    first: dict[str, str] = {}
+    rejected = []
+    for index, entry in enumerate(entries):
+        if not ok[index]:
+            continue
+        digest = hashlib.blake2b(np.ascontiguousarray(volumes[index]).tobytes(), digest_size=16).hexdigest()
+        if digest in first:
+            ok[index] = False
+            rejected.append(
+                (entry.source, f"the same image as {first[digest]} (identical voxels): one subject counted once")
+            )
+        else:
+            first[digest] = entry.source
+    return rejected
 
 
 def _write_cache_files(
