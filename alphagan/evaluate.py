@@ -277,45 +277,50 @@ def _evaluate(
     return results
 
 
+def _cohorts(source: Source, seed: int) -> set[str]:
+    """The synthetic cohorts (`space.synthetic_origin`: kind and seed) a source's subjects belong to: a synthetic
+    source's own, with `seed`, or those a cache's manifest records; none for a cache of scans."""
+    if source.synthetic:
+        return {synthetic_origin(source.kind, seed)}
+    return {origin for row in read_manifest(source.cache) if (origin := row.get("origin"))}
+
+
+def _kinds(cohorts: set[str]) -> set[str]:
+    return {cohort.removeprefix(SYNTHETIC_MARK + " ").split(" seed ")[0] for cohort in cohorts}
+
+
 def _wrong_real_side(
     source: Source, contrast: str, trained_on: dict[str, str | None], configs: list[Config]
 ) -> str | None:
     """Why `source` cannot be the real side of these models, with the fix, or None. It is not held out (a model's
-    training cache, a cache of the synthetic cohort a model trained on: the same kind and seed give the same anatomy
-    at any size, or a held-out synthetic cohort whose seed a model trained on), or it is another kind of data than a
-    model's synthetic training cohort (kind, contrast), or `contrast` is not that of a synthetic real side."""
-    trained = {data: Source.parse(data) for data in trained_on.values() if data is not None}
-    if source.synthetic:
-        if contrast != source.contrast:
-            return (
-                f"--contrast {contrast}: the real side {source} is {source.contrast}; give --contrast {source.contrast}"
-            )
-        held_out_seed = configs[0].seed + HELD_OUT_SEED_OFFSET
-        for data, cfg in zip(trained_on.values(), configs):
-            other = trained.get(data)
-            if other is None or not other.synthetic:
-                continue
-            if (other.kind, other.contrast) != (source.kind, source.contrast):
-                return f"--real {source}: the {cfg.model} run learned {other}; compare it with --real {other}"
-            if cfg.seed == held_out_seed:
-                return (
-                    f"--real {source}: its held-out cohort (seed {held_out_seed}) is the {cfg.model} run's training "
-                    f"cohort; evaluate that run on its own, or against a prepared cache"
-                )
-        return None
-    if source in trained.values():
-        return (
-            f"--real {source.cache}: the training set of a model, not held out; give a cache prepared from other "
-            f"subjects, or --real synth for runs trained on the synthetic cohort"
-        )
-    origins = {row.get("origin") for row in read_manifest(source.cache)}
+    training cache, or subjects of a synthetic cohort a model trained on: the same kind and seed give the same
+    anatomy at any size), or it is another kind of data than a model learned (synthetic kind, contrast), or
+    `contrast` is not that of a synthetic real side."""
+    if source.synthetic and contrast != source.contrast:
+        return f"--contrast {contrast}: the real side {source} is {source.contrast}; give --contrast {source.contrast}"
+    real = _cohorts(source, configs[0].seed + HELD_OUT_SEED_OFFSET)  # `real_volumes`' held-out seed
     for data, cfg in zip(trained_on.values(), configs):
-        other = trained.get(data)
-        if other is not None and other.synthetic and (cohort := synthetic_origin(other.kind, cfg.seed)) in origins:
+        if data is None:
+            continue
+        other = Source.parse(data)
+        if not source.synthetic and other == source:
             return (
-                f"--real {source.cache}: holds subjects of the synthetic cohort the {cfg.model} run trained on "
-                f"({cohort.removeprefix(SYNTHETIC_MARK + ' ')}), not held out; give --real synth, or a cache of a "
+                f"--real {source.cache}: the training set of a model, not held out; give a cache prepared from other "
+                f"subjects, or --real synth for runs trained on the synthetic cohort"
+            )
+        if source.synthetic and other.synthetic and (other.kind, other.contrast) != (source.kind, source.contrast):
+            return f"--real {source}: the {cfg.model} run learned {other}; compare it with --real {other}"
+        learned = _cohorts(other, cfg.seed)
+        if shared := sorted(real & learned):
+            return (
+                f"--real {source}: holds subjects of the synthetic cohort the {cfg.model} run trained on "
+                f"({shared[0].removeprefix(SYNTHETIC_MARK + ' ')}), not held out; give --real synth, or a cache of a "
                 f"cohort made with another --seed"
+            )
+        if _kinds(real) and _kinds(learned) and not _kinds(real) & _kinds(learned):
+            return (
+                f"--real {source}: holds synthetic {'/'.join(sorted(_kinds(real)))} subjects, and the {cfg.model} run "
+                f"learned {'/'.join(sorted(_kinds(learned)))} ones ({other}); compare it with data of its own kind"
             )
     return None
 

@@ -208,3 +208,19 @@ def test_a_real_cache_of_another_size_is_refused_before_any_work(runs, tmp_path,
     said = capsys.readouterr().err
     assert "holds 32³ volumes and the models generate 16³; prepare a held-out cache at that size" in said, said
     assert not (tmp_path / "e").exists()
+
+
+def test_a_model_of_a_synthetic_cache_is_compared_with_its_own_kind_and_unseen_subjects(tmp_path, capsys):
+    """A cache of `synth` subjects records their cohort: a model trained on it is refused a real side of another
+    kind, or a second cache of the same subjects."""
+    cohort = make_cohort(tmp_path / "tumour", 4, size=16, kind="tumor", seed=5, progress=False)
+    caches = [prepare(str(cohort), tmp_path / name, size=16, progress=False).out for name in ("a", "b")]
+    train(make_config("smoke", iters=2, device="cpu", batch=2, n_subjects=4), str(caches[0]), tmp_path / "run")
+    args = ["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e"), "--n", "4", "--pairs", "6"]
+    for real, said in (
+        ("synth", "holds synthetic normal subjects, and the alpha-wgan-gp run learned tumor ones"),
+        (str(caches[1]), "holds subjects of the synthetic cohort the alpha-wgan-gp run trained on (tumor seed 5)"),
+    ):
+        assert main(["evaluate", "--real", real, *args]) == 1
+        assert said in capsys.readouterr().err
+    assert main(["evaluate", "--real", "synth:tumor", *args, "--n-anatomy", "2"]) == 0
