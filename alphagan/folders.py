@@ -46,7 +46,8 @@ class DiskFull(OSError):
 def disk_full(folder: Path, needed: int | None = None) -> DiskFull:
     """The one-line error for a full disk under `folder`."""
     need = f"; it needs {needed / 2**30:.2f} GiB" if needed else ""
-    free = shutil.disk_usage(folder).free / 2**30 if folder.exists() else 0.0
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # a folder not made yet: its disk's
+    free = shutil.disk_usage(existing).free / 2**30
     return DiskFull(f"{folder}: no space left on its disk ({free:.2f} GiB free{need}); free some space and run again")
 
 

@@ -927,6 +927,14 @@ def test_partial_cohorts_of_interrupted_runs_are_cleaned_by_the_next(tmp_path, m
     assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+def test_a_full_disk_says_the_space_free_on_the_disk_of_a_folder_not_made_yet(tmp_path):
+    from alphagan.folders import disk_full
+
+    said = str(disk_full(tmp_path / "partial" / "cohort", 3 * 2**30))
+    free = shutil.disk_usage(tmp_path).free / 2**30
+    assert f"({free:.2f} GiB free; it needs 3.00 GiB)" in said and free > 0, said
+
+
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_folder(tmp_path, capsys, monkeypatch):
     import torch
 
