@@ -158,8 +158,8 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path, capsys):
 
 def test_only_selects_notebooks():
     assert [p.name[:2] for p in notebooks("01,3")] == ["01", "03"]
-    with pytest.raises(ValueError, match="no notebook numbered"):
-        notebooks("99")
+    with pytest.raises(ValueError, match="no notebook numbered 99, a; there are 01, 02, 03, 04, 05, 06"):
+        notebooks("99,3,a")  # named as given
 
 
 def test_notebook_json_is_stable():

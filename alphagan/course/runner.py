@@ -32,10 +32,12 @@ def notebooks(only: str | None = None, directory: Path = NOTEBOOK_DIR) -> list[P
     if not found:
         raise FileNotFoundError(f"no notebooks in {directory}: run the course from a clone of the repository")
     if only is not None:
-        wanted = {w.strip().zfill(2) for w in only.split(",") if w.strip()}
-        unknown = wanted - {p.name[:2] for p in found}
+        given = {w.strip(): w.strip().zfill(2) for w in only.split(",") if w.strip()}
+        numbers = [p.name[:2] for p in found]
+        unknown = sorted(w for w, number in given.items() if number not in numbers)
         if unknown:
-            raise ValueError(f"--only: no notebook numbered {sorted(unknown)}; there are {[p.name[:2] for p in found]}")
+            raise ValueError(f"--only: no notebook numbered {', '.join(unknown)}; there are {', '.join(numbers)}")
+        wanted = set(given.values())
         found = [p for p in found if p.name[:2] in wanted]
         if not found:
             raise ValueError(f"--only {only!r} names no notebook; give numbers such as 01,03")
