@@ -24,7 +24,7 @@ from alphagan import anatomy, features, metrics
 from alphagan.checkpoint import open_checkpoint
 from alphagan.config import EVALUATE_DEFAULTS, Config
 from alphagan.data.cache import load_cache, read_manifest
-from alphagan.data.dataset import Source, load_training_volumes
+from alphagan.data.dataset import Source, data_digest, load_training_volumes
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
 from alphagan.device import pick_device
 from alphagan.folders import atomic, claim
@@ -37,11 +37,17 @@ HELD_OUT_SEED_OFFSET = 10_000  # synthetic held-out subjects: a cohort seed no t
 QUANTITIES = ("brain_ml", "gm_ml", "wm_ml", "csf_ml")
 
 
-def _run_data(checkpoint: str | Path) -> str | None:
-    """The `data` a checkpoint's run trained on, from the run folder's config.json; None when unknown, or when
+def _run_data(checkpoint: str | Path, saved: dict) -> str | None:
+    """The `data` a checkpoint's run trained on, from its run's config.json (`saved`); None when unknown, or when
     that cache has since moved or been deleted (the memorisation check, which alone needs it, is then skipped)."""
-    data = saved_config(run_of(checkpoint)).get("data")
-    if data is not None and not Source.parse(data).synthetic and not Path(data).is_dir():
+    data = saved.get("data")
+    if data is None:
+        warnings.warn(
+            f"{checkpoint}: no config.json of its run beside it, so what it trained on is unknown; the held-out and "
+            f"memorisation checks are skipped for it (give the run folder to have them)",
+            stacklevel=2,
+        )
+    elif not Source.parse(data).synthetic and not Path(data).is_dir():
         warnings.warn(
             f"{checkpoint}: its training cache {data} is no longer there; the memorisation check is skipped for it "
             f"(everything else compares with --real)",
@@ -206,8 +212,9 @@ def _checked_inputs(
             f"--real {source.cache}: holds {held}³ volumes and the models generate {sizes[0]}³; prepare a held-out "
             f"cache at that size (`python -m alphagan prepare ... --size {sizes[0]}`)"
         )
-    trained_on = {f: _run_data(f) for f in files}
-    wrong = _wrong_real_side(source, contrast, trained_on, configs)
+    saved = [saved_config(run_of(f)) for f in files]
+    trained_on = {f: _run_data(f, run) for f, run in zip(files, saved)}
+    wrong = _wrong_real_side(source, contrast, trained_on, configs, {run.get("data_digest") for run in saved})
     if wrong is not None:
         raise ValueError(wrong)
     return files, trained_on
@@ -290,24 +297,28 @@ def _kinds(cohorts: set[str]) -> set[str]:
 
 
 def _wrong_real_side(
-    source: Source, contrast: str, trained_on: dict[str, str | None], configs: list[Config]
+    source: Source, contrast: str, trained_on: dict[str, str | None], configs: list[Config], digests: set[str | None]
 ) -> str | None:
     """Why `source` cannot be the real side of these models, with the fix, or None. It is not held out (a model's
     training cache, or subjects of a synthetic cohort a model trained on: the same kind and seed give the same
     anatomy at any size), or it is another kind of data than a model learned (synthetic kind, contrast), or
-    `contrast` is not that of a synthetic real side."""
+    `contrast` is not that of a synthetic real side. `digests`: the runs' records of their training caches, which
+    know a training cache that has since moved."""
     if source.synthetic and contrast != source.contrast:
         return f"--contrast {contrast}: the real side {source} is {source.contrast}; give --contrast {source.contrast}"
+    training_set = (
+        f"--real {source.cache}: the training set of a model, not held out; give a cache prepared from other "
+        f"subjects, or --real synth for runs trained on the synthetic cohort"
+    )
+    if not source.synthetic and (digest := data_digest(str(source.cache))) is not None and digest in digests:
+        return training_set  # wherever it lies now: the run recorded its manifest's checksum
     real = _cohorts(source, configs[0].seed + HELD_OUT_SEED_OFFSET)  # `real_volumes`' held-out seed
     for data, cfg in zip(trained_on.values(), configs):
         if data is None:
             continue
         other = Source.parse(data)
         if not source.synthetic and other == source:
-            return (
-                f"--real {source.cache}: the training set of a model, not held out; give a cache prepared from other "
-                f"subjects, or --real synth for runs trained on the synthetic cohort"
-            )
+            return training_set
         if source.synthetic and other.synthetic and (other.kind, other.contrast) != (source.kind, source.contrast):
             return f"--real {source}: the {cfg.model} run learned {other}; compare it with --real {other}"
         learned = _cohorts(other, cfg.seed)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -214,7 +215,13 @@ def test_a_model_of_a_synthetic_cache_is_compared_with_its_own_kind_and_unseen_s
     """A cache of `synth` subjects records their cohort: a model trained on it is refused a real side of another
     kind, or a second cache of the same subjects."""
     cohort = make_cohort(tmp_path / "tumour", 4, size=16, kind="tumor", seed=5, progress=False)
-    caches = [prepare(str(cohort), tmp_path / name, size=16, progress=False).out for name in ("a", "b")]
+    some = tmp_path / "three of them"
+    some.mkdir()
+    for path in sorted(cohort.glob("*.nii.gz"))[1:]:
+        shutil.copy(path, some)
+    caches = [
+        prepare(str(src), tmp_path / name, size=16, progress=False).out for src, name in ((cohort, "a"), (some, "b"))
+    ]
     train(make_config("smoke", iters=2, device="cpu", batch=2, n_subjects=4), str(caches[0]), tmp_path / "run")
     args = ["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e"), "--n", "4", "--pairs", "6"]
     for real, said in (

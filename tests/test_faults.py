@@ -916,6 +916,22 @@ def test_evaluate_skips_only_the_memorisation_check_when_the_training_cache_has_
     assert "memorisation" not in next(iter(results["models"].values()))
 
 
+def test_a_moved_training_cache_is_still_not_held_out_and_a_lone_checkpoint_says_what_it_cannot_check(
+    tmp_path, cache, capsys
+):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(cache), "--out", str(run), *TRAIN]) == 0
+    cache.rename(tmp_path / "moved")
+    argv = ["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "e"), "--n", "8", "--pairs", "10"]
+    _fails(capsys, [*argv, "--real", str(tmp_path / "moved")], "moved: the training set of a model, not held out")
+    lone = tmp_path / "elsewhere" / "model.pt"
+    lone.parent.mkdir()
+    shutil.copy(list_checkpoints(run / "checkpoints")[-1], lone)
+    argv = ["evaluate", "--checkpoint", str(lone), "--real", "synth", "--out", str(tmp_path / "e2"), "--n", "8"]
+    assert main([*argv, "--pairs", "10", "--n-anatomy", "2"]) == 0
+    assert "model.pt: no config.json of its run beside it, so what it trained on is unknown" in capsys.readouterr().err
+
+
 def test_partial_cohorts_of_interrupted_runs_are_cleaned_by_the_next(tmp_path, monkeypatch):
     from alphagan.data.cache import synthetic_cache
 
