@@ -88,13 +88,12 @@ def mmd_batchwise(real, fake, batch: int = 8, repetitions: int = 100, seed: int 
     # ||mean(g) - mean(r)||^2 per batch equals the paper's Gram-matrix formula (see the tests); summed over voxels
     # a slice at a time, in float64, so that no float64 copy of a whole set is ever made.
     sums = torch.zeros(repetitions, n // batch, dtype=torch.float64)
-    step = _rows_per_block(n)
+    step = max(1, BLOCK_BYTES // (8 * n))  # voxels per slice: a float64 block of each set
     for start in range(0, r.shape[1], step):
         r_part, g_part = r[:, start : start + step].double(), g[:, start : start + step].double()
         for k, (ri, gi) in enumerate(shuffles):
             sums[k] += (g_part[gi].mean(1) - r_part[ri].mean(1)).pow(2).sum(1)
-    values = sums.mean(1).tolist()
-    v = np.array(values)
+    v = sums.mean(1).numpy()
     voxels = r.shape[1]
     return MMDResult(
         float(v.mean()), float(v.std()), float(v.mean() / voxels), float(v.std() / voxels), batch, repetitions
