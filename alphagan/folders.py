@@ -33,6 +33,7 @@ import numpy as np
 MANIFEST = ".alphagan.json"
 LOCK = ".alphagan.lock"
 _TEMPORARY = re.compile(r"^\..+\.\d+\.tmp")  # what `atomic` names its files: .NAME.PID.tmp...
+PARTIAL = ".partial-"  # what a folder being built is named: .NAME.partial-PID (`atomic_folder`, `sample`)
 
 
 class FolderRefused(FileExistsError):
@@ -95,7 +96,7 @@ def atomic_folder(out: Path, replace: bool = True) -> Iterator[Path]:
     renamed aside, `.NAME.old-PID`, and put back if the swap fails); on any failure it is removed. With
     `replace=False` a folder that another process completed meanwhile is kept, and this one dropped.
     `recover_folder` cleans what a killed writer left."""
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}{PARTIAL}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -131,10 +132,10 @@ def recover_folder(out: Path, prefix: str | None = None, locked: bool = False) -
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, out)
-    prefix = prefix or f".{out.name}.partial-"
+    prefix = prefix or f".{out.name}{PARTIAL}"
     for partial in out.parent.glob(f"{prefix}*"):
         pid = partial.name.rsplit("-", 1)[-1]
-        if ".partial-" in partial.name and (locked or (pid.isdigit() and not _running(int(pid)))):
+        if PARTIAL in partial.name and (locked or (pid.isdigit() and not _running(int(pid)))):
             shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -166,10 +167,14 @@ def atomic(path: str | Path) -> Iterator[Path]:
 
 
 def remove_temporaries(folder: Path) -> None:
-    """Delete what `atomic` left in `folder` (and below) when its writer was killed; only call it under the lock."""
+    """Delete what `atomic` left in `folder` (and below), and the folders being built in it (`PARTIAL`), when their
+    writer was killed; only call it under the lock."""
     for path in folder.rglob(".*.tmp*"):
         if _TEMPORARY.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)
+    for path in folder.glob(f".*{PARTIAL}*"):
+        if path.is_dir() and path.name.rsplit("-", 1)[-1].isdigit():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass

@@ -12,6 +12,8 @@ Taught in notebook 03.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from alphagan.checkpoint import open_checkpoint
 from alphagan.config import Config
 from alphagan.data.space import DEFAULT_FOV_MM, GENERATED_MARK, cube_affine, write_nifti
 from alphagan.device import pick_device
-from alphagan.folders import claim
+from alphagan.folders import PARTIAL, claim
 from alphagan.models import Generator
 from alphagan.progress import tqdm
 from alphagan.viz import cuts_grid, save_figure, use_headless_backend
@@ -109,15 +111,24 @@ def write_samples(
     with claim(
         out, "sample", settings, [*names, "samples.png"], overwrite=overwrite, keep={"--checkpoint": path}
     ) as owned:
-        batch = 8
-        batches = generate_batches(G, n, cfg.latent, seed=seed, batch=batch)
-        written = 0
-        for volumes in tqdm(batches, total=-(-n // batch), desc="sample", unit="batch", disable=n <= 64):
-            for volume in volumes:
-                save_nifti(volume, owned.folder / names[written], state["fov_mm"])
-                written += 1
-            shown += list(volumes[: 32 - len(shown)])
-        save_figure(cuts_grid(shown, title=f"{cfg.model}, iteration {state['iter']}"), owned.folder / "samples.png")
+        # Written out of sight, then moved into place: a stopped run leaves no partial set that looks finished (the
+        # next claim of the folder removes what it left).
+        staging = owned.folder / f".samples{PARTIAL}{os.getpid()}"
+        staging.mkdir()
+        try:
+            batch = 8
+            batches = generate_batches(G, n, cfg.latent, seed=seed, batch=batch)
+            written = 0
+            for volumes in tqdm(batches, total=-(-n // batch), desc="sample", unit="batch", disable=n <= 64):
+                for volume in volumes:
+                    save_nifti(volume, staging / names[written], state["fov_mm"])
+                    written += 1
+                shown += list(volumes[: 32 - len(shown)])
+            save_figure(cuts_grid(shown, title=f"{cfg.model}, iteration {state['iter']}"), staging / "samples.png")
+            for name in [*names, "samples.png"]:
+                os.replace(staging / name, owned.folder / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return owned.folder, cfg, state
 
 

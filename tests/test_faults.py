@@ -358,6 +358,32 @@ def test_sample_replaces_earlier_samples_only_when_told_and_then_only_its_own(tm
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_a_sample_stopped_midway_leaves_no_set_that_looks_finished(tmp_path, monkeypatch):
+    from alphagan import sampling
+
+    run, out = tmp_path / "run", tmp_path / "samples"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    real_save, saved = sampling.save_nifti, []
+
+    def stopped_after_three(volume, path, fov_mm):
+        if len(saved) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, or a kill: nothing after this runs
+        saved.append(path)
+        return real_save(volume, path, fov_mm)
+
+    monkeypatch.setattr(sampling, "save_nifti", stopped_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        main(["sample", "--checkpoint", str(run), "--n", "20", "--out", str(out)])
+    assert not list(out.rglob("sample_*")) and not (out / "samples.png").exists()
+    stale = out / ".samples.partial-999999"  # what a killed run leaves
+    stale.mkdir()
+    (stale / "sample_0000.nii.gz").write_bytes(b"half")
+    monkeypatch.setattr(sampling, "save_nifti", real_save)
+    assert main(["sample", "--checkpoint", str(run), "--n", "20", "--out", str(out)]) == 0
+    assert len(list(out.glob("sample_*.nii.gz"))) == 20 and (out / "samples.png").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".alphagan.json", ".alphagan.lock"]
+
+
 def test_course_refuses_a_folder_holding_the_users_summary(tmp_path, capsys, monkeypatch):
     from alphagan.course import plan
 
