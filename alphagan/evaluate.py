@@ -27,7 +27,7 @@ from alphagan.data.cache import load_cache, read_manifest
 from alphagan.data.dataset import Source, data_digest, load_training_volumes
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
 from alphagan.device import pick_device
-from alphagan.folders import atomic, claim
+from alphagan.folders import claim, staged
 from alphagan.progress import tqdm
 from alphagan.runs import run_of, saved_config
 from alphagan.sampling import generate, generator_of
@@ -276,11 +276,10 @@ def _evaluate(
             results["models"][name] = row
             bar.update()
 
-    _figures(out, real, generated, tissues, nearest, results, ev.seed)
-    with atomic(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
-    with atomic(out / "table.md") as tmp:
-        tmp.write_text(markdown_table(results))
+    with staged(out, list(EVALUATE_FILES)) as staging:  # a stopped evaluation leaves no partial set of results
+        _figures(staging, real, generated, tissues, nearest, results, ev.seed)
+        (staging / "results.json").write_text(json.dumps(results, indent=2))
+        (staging / "table.md").write_text(markdown_table(results))
     return results
 
 

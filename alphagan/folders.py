@@ -166,6 +166,23 @@ def atomic(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged(folder: Path, names: list[str]) -> Iterator[Path]:
+    """A hidden folder inside `folder` (`PARTIAL`) to write the files `names` into (those written), all moved into
+    place when the block ends: a command stopped midway leaves no partial set that looks finished, and the next
+    claim of the folder removes what it left (`remove_temporaries`)."""
+    staging = folder / f".staged{PARTIAL}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        for name in names:
+            if (staging / name).exists():
+                os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def remove_temporaries(folder: Path) -> None:
     """Delete what `atomic` left in `folder` (and below), and the folders being built in it (`PARTIAL`), when their
     writer was killed; only call it under the lock."""

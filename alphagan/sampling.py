@@ -12,8 +12,6 @@ Taught in notebook 03.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from alphagan.checkpoint import open_checkpoint
 from alphagan.config import Config
 from alphagan.data.space import DEFAULT_FOV_MM, GENERATED_MARK, cube_affine, write_nifti
 from alphagan.device import pick_device
-from alphagan.folders import PARTIAL, claim
+from alphagan.folders import claim, staged
 from alphagan.models import Generator
 from alphagan.progress import tqdm
 from alphagan.viz import cuts_grid, save_figure, use_headless_backend
@@ -108,27 +106,20 @@ def write_samples(
     names = sample_names(n)
     settings = {"checkpoint": str(path), "iteration": state["iter"], "n": n, "seed": seed}
     shown: list[torch.Tensor] = []
-    with claim(
-        out, "sample", settings, [*names, "samples.png"], overwrite=overwrite, keep={"--checkpoint": path}
-    ) as owned:
-        # Written out of sight, then moved into place: a stopped run leaves no partial set that looks finished (the
-        # next claim of the folder removes what it left).
-        staging = owned.folder / f".samples{PARTIAL}{os.getpid()}"
-        staging.mkdir()
-        try:
-            batch = 8
-            batches = generate_batches(G, n, cfg.latent, seed=seed, batch=batch)
-            written = 0
-            for volumes in tqdm(batches, total=-(-n // batch), desc="sample", unit="batch", disable=n <= 64):
-                for volume in volumes:
-                    save_nifti(volume, staging / names[written], state["fov_mm"])
-                    written += 1
-                shown += list(volumes[: 32 - len(shown)])
-            save_figure(cuts_grid(shown, title=f"{cfg.model}, iteration {state['iter']}"), staging / "samples.png")
-            for name in [*names, "samples.png"]:
-                os.replace(staging / name, owned.folder / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    files = [*names, "samples.png"]
+    with (
+        claim(out, "sample", settings, files, overwrite=overwrite, keep={"--checkpoint": path}) as owned,
+        staged(owned.folder, files) as staging,  # a stopped run leaves no partial set that looks finished
+    ):
+        batch = 8
+        batches = generate_batches(G, n, cfg.latent, seed=seed, batch=batch)
+        written = 0
+        for volumes in tqdm(batches, total=-(-n // batch), desc="sample", unit="batch", disable=n <= 64):
+            for volume in volumes:
+                save_nifti(volume, staging / names[written], state["fov_mm"])
+                written += 1
+            shown += list(volumes[: 32 - len(shown)])
+        save_figure(cuts_grid(shown, title=f"{cfg.model}, iteration {state['iter']}"), staging / "samples.png")
     return owned.folder, cfg, state
 
 

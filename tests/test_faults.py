@@ -384,6 +384,21 @@ def test_a_sample_stopped_midway_leaves_no_set_that_looks_finished(tmp_path, mon
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".alphagan.json", ".alphagan.lock"]
 
 
+def test_a_staged_set_of_files_appears_whole_or_not_at_all(tmp_path):
+    """What `sample` and `evaluate` write goes through `folders.staged`."""
+    from alphagan.folders import staged
+
+    names = ["results.json", "table.md", "pca.png"]
+    with pytest.raises(RuntimeError), staged(tmp_path, names) as staging:
+        (staging / "results.json").write_text("{}")
+        raise RuntimeError("stopped before table.md")
+    assert list(tmp_path.iterdir()) == []
+    with staged(tmp_path, names) as staging:
+        for name in names[:2]:  # pca.png not made this time: nothing is moved for it
+            (staging / name).write_text(name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "table.md"]
+
+
 def test_course_refuses_a_folder_holding_the_users_summary(tmp_path, capsys, monkeypatch):
     from alphagan.course import plan
 
