@@ -117,7 +117,8 @@ _COUNT = (lambda v: v >= 1), ">= 1"
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model": ((lambda v: v in MODELS), f"one of {', '.join(MODELS)}"),
     "size": ((lambda v: v in SIZES), f"a power of two from 16 to 256 ({', '.join(map(str, SIZES))})"),
-    **dict.fromkeys(("width", "latent", "batch", "g_steps", "d_steps", "code_hidden", "iters", "n_subjects"), _COUNT),
+    **dict.fromkeys(("width", "latent", "g_steps", "d_steps", "code_hidden", "iters", "n_subjects"), _COUNT),
+    "batch": ((lambda v: v >= 2), ">= 2 (BatchNorm needs two volumes in a batch)"),
     **dict.fromkeys(("log_every", "sample_every", "ckpt_every", "n_fixed"), _COUNT),
     "keep_ckpts": ((lambda v: v >= 0), ">= 0 (0: keep every checkpoint)"),
     "lr": _finite(0, above=True),

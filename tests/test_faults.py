@@ -643,6 +643,7 @@ def test_one_definition_of_a_size_for_prepare_and_train(tmp_path, cohort_dir, ca
         (["--resume", "--overwrite"], "--resume continues the run"),
         (["--resume", "--init", "elsewhere"], "--init starts another"),
         (["--device", "tpu"], "--device tpu: not a device alphagan trains on; use auto, cpu, cuda, cuda:N or mps"),
+        (["--batch", "1"], "--batch must be >= 2 (BatchNorm needs two volumes in a batch), got 1"),
         (["--device", "cuda:7"], "--device cuda:7: "),
     ],
 )
