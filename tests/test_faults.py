@@ -676,6 +676,7 @@ def test_results_never_replaces_a_page_it_did_not_write(tmp_path, capsys):
     assert mine.read_text() == "# my own results\n"
     assert main(["results", str(run), "--out", str(tmp_path / "page.md")]) == 0
     assert main(["results", str(run), "--out", str(tmp_path / "page.md")]) == 0  # its own page: written again
+    _fails(capsys, ["results", str(run), "--out", str(tmp_path)], "a folder; give the page's file name, e.g. --out")
 
 
 def test_a_cache_variable_pointing_to_a_file_is_named(tmp_path, capsys, monkeypatch):

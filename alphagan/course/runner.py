@@ -132,6 +132,8 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
     summary = run_dir / "summary.md"
     if not summary.exists():
         raise FileNotFoundError(f"{summary}: no summary; give the folder of a finished `alphagan course` run")
+    if out.is_dir():
+        raise ValueError(f"{out}: a folder; give the page's file name, e.g. --out {out / 'results.md'}")
     files = out.with_name(f"{out.stem}_files")
     text = summary.read_text()
 
