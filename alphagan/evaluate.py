@@ -57,13 +57,18 @@ def _run_data(checkpoint: str | Path, saved: dict) -> str | None:
     return data
 
 
+def held_out_seed(training_seed: int) -> int:
+    """The seed of the synthetic held-out cohort of runs trained with `training_seed`."""
+    return training_seed + HELD_OUT_SEED_OFFSET
+
+
 def real_volumes(
     real: str, size: int, n: int, training_seed: int = 0, progress: bool = True
 ) -> tuple[np.ndarray, float, str]:
     """Held-out real volumes, their cube edge in mm, and a sentence saying what they are (`progress`: a bar while
     a synthetic held-out cohort is made)."""
     if Source.parse(real).synthetic:
-        seed = training_seed + HELD_OUT_SEED_OFFSET
+        seed = held_out_seed(training_seed)
         volumes, fov = load_training_volumes(real, size, n, seed=seed, progress=progress)
         return volumes, fov, f"{n} synthetic subjects of cohort seed {seed} ({real}), never seen in training"
     volumes, fov = load_training_volumes(real, size, n, progress=False)
@@ -311,7 +316,8 @@ def _wrong_real_side(
     )
     if not source.synthetic and (digest := data_digest(str(source.cache))) is not None and digest in digests:
         return training_set  # wherever it lies now: the run recorded its manifest's checksum
-    real = _cohorts(source, configs[0].seed + HELD_OUT_SEED_OFFSET)  # `real_volumes`' held-out seed
+    real = _cohorts(source, held_out_seed(configs[0].seed))  # the cohort `real_volumes` draws
+    real_kinds = _kinds(real)
     for data, cfg in zip(trained_on.values(), configs):
         if data is None:
             continue
@@ -321,16 +327,17 @@ def _wrong_real_side(
         if source.synthetic and other.synthetic and (other.kind, other.contrast) != (source.kind, source.contrast):
             return f"--real {source}: the {cfg.model} run learned {other}; compare it with --real {other}"
         learned = _cohorts(other, cfg.seed)
+        learned_kinds = _kinds(learned)
         if shared := sorted(real & learned):
             return (
                 f"--real {source}: holds subjects of the synthetic cohort the {cfg.model} run trained on "
                 f"({shared[0].removeprefix(SYNTHETIC_MARK + ' ')}), not held out; give --real synth, or a cache of a "
                 f"cohort made with another --seed"
             )
-        if _kinds(real) and _kinds(learned) and not _kinds(real) & _kinds(learned):
+        if real_kinds and learned_kinds and not real_kinds & learned_kinds:
             return (
-                f"--real {source}: holds synthetic {'/'.join(sorted(_kinds(real)))} subjects, and the {cfg.model} run "
-                f"learned {'/'.join(sorted(_kinds(learned)))} ones ({other}); compare it with data of its own kind"
+                f"--real {source}: holds synthetic {'/'.join(sorted(real_kinds))} subjects, and the {cfg.model} run "
+                f"learned {'/'.join(sorted(learned_kinds))} ones ({other}); compare it with data of its own kind"
             )
     return None
 

@@ -134,9 +134,15 @@ def recover_folder(out: Path, prefix: str | None = None, locked: bool = False) -
             os.replace(old, out)
     prefix = prefix or f".{out.name}{PARTIAL}"
     for partial in out.parent.glob(f"{prefix}*"):
-        pid = partial.name.rsplit("-", 1)[-1]
-        if PARTIAL in partial.name and (locked or (pid.isdigit() and not _running(int(pid)))):
+        pid = _builder(partial)
+        if pid is not None and (locked or not _running(pid)):
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def _builder(path: Path) -> int | None:
+    """The process that was building the folder `path` (`.NAME.partial-PID`), or None for another name."""
+    head, _, pid = path.name.rpartition(PARTIAL)
+    return int(pid) if head and pid.isdigit() else None
 
 
 def _running(pid: int) -> bool:
@@ -190,7 +196,7 @@ def remove_temporaries(folder: Path) -> None:
         if _TEMPORARY.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)
     for path in folder.glob(f".*{PARTIAL}*"):
-        if path.is_dir() and path.name.rsplit("-", 1)[-1].isdigit():
+        if path.is_dir() and _builder(path) is not None:
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -39,8 +39,9 @@ def _flat(volumes) -> Tensor:
     return volumes.reshape(volumes.shape[0], -1).float()
 
 
-def _rows_per_block(voxels: int) -> int:
-    return max(1, BLOCK_BYTES // (8 * voxels))
+def _per_block(width: int) -> int:
+    """How many float64 vectors of `width` values one block holds (at least one)."""
+    return max(1, BLOCK_BYTES // (8 * width))
 
 
 def as_batch(volumes) -> Tensor:
@@ -88,7 +89,7 @@ def mmd_batchwise(real, fake, batch: int = 8, repetitions: int = 100, seed: int 
     # ||mean(g) - mean(r)||^2 per batch equals the paper's Gram-matrix formula (see the tests); summed over voxels
     # a slice at a time, in float64, so that no float64 copy of a whole set is ever made.
     sums = torch.zeros(repetitions, n // batch, dtype=torch.float64)
-    step = max(1, BLOCK_BYTES // (8 * n))  # voxels per slice: a float64 block of each set
+    step = _per_block(n)  # voxels per slice: a float64 block of each set
     for start in range(0, r.shape[1], step):
         r_part, g_part = r[:, start : start + step].double(), g[:, start : start + step].double()
         for k, (ri, gi) in enumerate(shuffles):
@@ -106,7 +107,7 @@ def pair_distances(a: Tensor, b: Tensor | None = None) -> np.ndarray:
     within = b is None
     b = a if within else b
     out = np.empty(len(a) * (len(a) - 1) // 2 if within else len(a) * len(b))
-    step, filled = _rows_per_block(a.shape[1]), 0
+    step, filled = _per_block(a.shape[1]), 0  # rows per block
     for i in range(0, len(a), step):
         a_block = a[i : i + step].double()
         for j in range(i if within else 0, len(b), step):
