@@ -11,7 +11,6 @@ name, so a reader sees either the old file or the complete new one; the last `ke
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from alphagan.config import Config
+from alphagan.config import SETTINGS, Config
 from alphagan.folders import atomic, disk_full
 from alphagan.models import build_networks
 
@@ -32,6 +31,14 @@ FULL_BELOW = 2**30  # a failed write with less free space than this (1 GiB) is a
 
 def _name(iteration: int) -> str:
     return f"ckpt_{iteration:08d}.pt"
+
+
+def iteration_of(path: str | Path) -> int:
+    """The iteration a checkpoint file's name records."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint's name (ckpt_<iteration>.pt)")
+    return int(match.group(1))
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -130,11 +137,10 @@ def load_checkpoint(path: str | Path, iteration: int | None = None, map_location
         raise ValueError(
             f"{path}: not an alphagan checkpoint (its config is a {kind}); give one `alphagan train` wrote"
         )
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(state["config"]) - known)
+    unknown = sorted(set(state["config"]) - SETTINGS)
     if unknown:  # a newer version's settings; one that shaped the networks shows when their weights load
         warnings.warn(f"{path}: settings this version does not know, ignored: {', '.join(unknown)}", stacklevel=2)
-        state["config"] = {k: v for k, v in state["config"].items() if k in known}
+        state["config"] = {k: v for k, v in state["config"].items() if k in SETTINGS}
     _check_contents(path, state)
     return state
 

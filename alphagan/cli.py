@@ -96,6 +96,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from alphagan.data.dataset import Source
     from alphagan.device import choose_profile
+    from alphagan.runs import run_settings, stopped_note
     from alphagan.steps import TrainingDiverged
     from alphagan.train import train
 
@@ -104,19 +105,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--resume continues the run in {args.out} as it was, {other} starts another; give one")
     overrides = {name: getattr(args, name) for name in (*TRAIN_SETTINGS, "precision", "device")}
     overrides.update(channels_last=args.channels_last or None, compile=args.compile or None)
-    source = Source.parse(args.data)
-    if overrides["size"] is None and not source.synthetic and (source.cache / "settings.json").exists():
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    # --resume without --profile continues with the run's own settings and data; a flag given changes them.
+    run = run_settings(args.out) if args.resume and args.profile is None else None
+    data = args.data or (run[1] if run else None)
+    if data is None:
+        if args.resume:
+            raise FileNotFoundError(f"{args.out}: no run to resume here (no config.json); leave out --resume")
+        raise ValueError("--data is needed: a prepared cache folder, or synth[:kind[:contrast]]")
+    source = Source.parse(data)
+    if run is None and "size" not in overrides and not source.synthetic and (source.cache / "settings.json").exists():
         overrides["size"] = json.loads((source.cache / "settings.json").read_text()).get("size")
-        print(f"train: {source.cache} holds {overrides['size']}³ volumes; training at that size", file=sys.stderr)
+        print(f"alphagan train: {source.cache} holds {overrides['size']}³ volumes; training at that size",
+              file=sys.stderr)  # fmt: skip
     try:
-        cfg = make_config(choose_profile(args.profile)[0], args.model, **overrides)
+        if run is not None:
+            cfg = run[0].replace(**overrides).validate()
+        else:
+            cfg = make_config(choose_profile(args.profile)[0], args.model, **overrides)
     except SettingError as exc:  # named as the user typed it
         raise ValueError(f"--{exc.name.replace('_', '-')} {exc.rule}") from None
     try:
-        result = train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, init=args.init)
+        result = train(cfg, data, args.out, resume=args.resume, overwrite=args.overwrite, init=args.init)
     except TrainingDiverged as exc:
         print(f"alphagan train: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # said by `main`, in its one line
+        raise KeyboardInterrupt(stopped_note(args.out)) from None
     print(f"run folder: {result.out}")
     return 0
 
@@ -232,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")
-    p.add_argument("--data", required=True, help="a prepared cache folder, or synth[:kind[:contrast]]")
+    p.add_argument(
+        "--data", default=None, help="a prepared cache folder, or synth[:kind[:contrast]]; with --resume: the run's"
+    )
     p.add_argument("--out", required=True, help="the run folder: config.json, metrics.jsonl, checkpoints, samples")
     p.add_argument("--model", choices=MODELS, default="alpha-wgan-gp", help="default: alpha-wgan-gp")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu on a CUDA GPU, else cpu")
@@ -243,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out, with the run's own settings unless --profile or flags",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="delete the run already in --out (its own files only) and start again"
     )
@@ -307,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # the shell's exit status of a command stopped by Ctrl-C (128 + SIGINT)
+# What a command leaves when stopped, unless it says more (`train`, `course`): its outputs are written out of sight
+# and moved into place whole (`alphagan.folders`), and the next run cleans what a stopped one left.
+STOPPED = "what it had finished before is kept and nothing half-written is left; run the same command again"
+
+
 def _one_line(command: str):
     """A `warnings.showwarning` that says a warning as the commands say everything, `alphagan <command>: ...`, on
     its own line above any progress bar."""
@@ -326,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.debug:
                 warnings.showwarning = _one_line(args.command)
             return args.func(args)
+    except KeyboardInterrupt as exc:  # a command that knows more of what it leaves says it in the exception
+        print(f"alphagan {args.command}: stopped (Ctrl-C); {exc.args[0] if exc.args else STOPPED}", file=sys.stderr)
+        return INTERRUPTED
     except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         if args.debug:
             raise

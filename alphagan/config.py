@@ -65,10 +65,9 @@ class Config:
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with some fields changed; unknown names raise a clear error."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
+        unknown = sorted(set(overrides) - SETTINGS)
         if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(names)}")
+            raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(SETTINGS)}")
         if "betas" in overrides or "intensity" in overrides:
             overrides = {k: tuple(v) if k in ("betas", "intensity") else v for k, v in overrides.items()}
         return dataclasses.replace(self, **overrides)
@@ -99,6 +98,9 @@ class Config:
         if self.n_subjects < self.batch:  # refused before a cohort is made for it
             raise SettingError("n_subjects", f"must be at least one batch ({self.batch}), got {self.n_subjects}")
         return self
+
+
+SETTINGS = frozenset(f.name for f in dataclasses.fields(Config))  # the names of a run's settings
 
 
 SIZES = (16, 32, 64, 128, 256)  # a training volume's edge: the networks halve it down to 4^3; 256^3 fills a GPU

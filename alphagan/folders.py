@@ -77,18 +77,6 @@ def reserved_array(path: Path, shape: tuple[int, ...], dtype=np.float32) -> np.m
     return array
 
 
-def end_with_parent() -> None:
-    """Make this (worker) process end when its parent does, killed or not, instead of waiting forever on a
-    queue nobody reads (Linux; elsewhere the pool's own shutdown is all there is)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 @contextlib.contextmanager
 def atomic_folder(out: Path, replace: bool = True) -> Iterator[Path]:
     """The one atomic folder: a temporary folder beside `out` (`.NAME.partial-PID`) to build in, which replaces

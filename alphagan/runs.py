@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alphagan.checkpoint import CHECKPOINTS, checkpoint_folder, find_checkpoint, list_checkpoints, load_checkpoint
-from alphagan.config import Config
+from alphagan.checkpoint import (
+    CHECKPOINTS,
+    checkpoint_folder,
+    find_checkpoint,
+    iteration_of,
+    list_checkpoints,
+    load_checkpoint,
+)
+from alphagan.config import SETTINGS, Config
 from alphagan.data.dataset import Batches, Source, data_digest
 from alphagan.device import pick_device
 from alphagan.folders import FolderRefused, atomic, claim, owner_record
@@ -87,7 +94,7 @@ def _check_resume_data(out: Path, data: str) -> None:
     config, saved = out / CONFIG, saved_config(out)
     if saved.get("data") not in (None, data):
         raise ValueError(
-            f"{config}: this run trained on {saved['data']}, not {data}; resume with --data {saved['data']}"
+            f"{config}: this run trained on {saved['data']}, not {data}; leave out --data to resume on the run's own"
         )
     if saved.get("data_digest") not in (None, data_digest(data)):
         raise ValueError(
@@ -97,15 +104,41 @@ def _check_resume_data(out: Path, data: str) -> None:
 
 
 def _check_something_to_resume(out: Path, resume: bool, overwrite: bool) -> None:
-    """A run stopped before its first checkpoint has nothing to continue: say so, and what does work."""
-    record = owner_record(out) if out.is_dir() else None
-    if record is None or record["command"] != "train" or list_checkpoints(checkpoints_of(out)) or overwrite:
+    """A run stopped before its first checkpoint, or no run at all, has nothing to continue: say so, and what does
+    work, before the folder is claimed."""
+    if overwrite or list_checkpoints(checkpoints_of(out)):
         return
-    if resume or (out / CONFIG).exists():
+    record = owner_record(out) if out.is_dir() else None
+    if record is not None and record["command"] == "train" and (resume or (out / CONFIG).exists()):
         raise FolderRefused(
             f"{out}: holds a run that stopped before its first checkpoint, so there is nothing to resume; add "
             f"--overwrite to start it again, or choose another --out"
         )
+    if resume:
+        raise FileNotFoundError(
+            f"{out}: no run to resume here (no checkpoint in {checkpoints_of(out)}); leave out --resume to start one"
+        )
+
+
+def stopped_note(out: str | Path) -> str:
+    """What a run stopped by hand (Ctrl-C) keeps, and the command that continues it."""
+    found = list_checkpoints(checkpoints_of(out))
+    if not found:
+        return f"{out} stopped before its first checkpoint, so there is nothing to resume; start again with --overwrite"
+    iteration = iteration_of(found[-1])
+    return (
+        f"{out} keeps iteration {iteration} ({found[-1]}); continue it with `python -m alphagan train --out {out} "
+        f"--resume`"
+    )
+
+
+def run_settings(out: str | Path) -> tuple[Config, str] | None:
+    """The settings and the data of the run in `out`, from its config.json (what `--resume` continues with); None
+    where there is no run."""
+    saved = saved_config(out)
+    if not saved:
+        return None
+    return Config.from_dict({k: v for k, v in saved.items() if k in SETTINGS}), saved["data"]
 
 
 def claim_run(out: Path, cfg: Config, data: str, resume: bool, overwrite: bool, init: str | Path | None):
@@ -164,8 +197,8 @@ def restore(
     if changed:
         raise ValueError(
             f"{path}: saved with different {', '.join(changed)} "
-            f"({', '.join(f'{getattr(saved, k)} != {getattr(cfg, k)}' for k in changed)}); resume with the "
-            f"run's own settings (its config.json) or train into a new --out"
+            f"({', '.join(f'{getattr(saved, k)} != {getattr(cfg, k)}' for k in changed)}); leave out --profile and "
+            f"those flags to resume with the run's own settings, or train into a new --out"
         )
     if state["iter"] > cfg.iters:
         raise ValueError(

@@ -2,9 +2,12 @@
 
 import collections
 import fcntl
+import itertools
 import json
 import re
 import shutil
+import signal
+import time
 import zipfile
 from pathlib import Path
 
@@ -41,6 +44,19 @@ def _fails(capsys, argv, *phrases):
     for phrase in phrases:
         assert phrase in err, err
     return err
+
+
+def _stopped(capsys, argv, *phrases):
+    """The command, stopped by Ctrl-C, exits 130 (as the shell reports it) with one line that says what it keeps and
+    what to run next, and no traceback."""
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert last.startswith(f"alphagan {argv[0]}: stopped (Ctrl-C); ") and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in last, last
+    return last
 
 
 # ------------------------------------------------------------------------------------------------ data loss
@@ -358,7 +374,7 @@ def test_sample_replaces_earlier_samples_only_when_told_and_then_only_its_own(tm
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_a_sample_stopped_midway_leaves_no_set_that_looks_finished(tmp_path, monkeypatch):
+def test_a_sample_stopped_midway_leaves_no_set_that_looks_finished(tmp_path, monkeypatch, capsys):
     from alphagan import sampling
 
     run, out = tmp_path / "run", tmp_path / "samples"
@@ -372,8 +388,7 @@ def test_a_sample_stopped_midway_leaves_no_set_that_looks_finished(tmp_path, mon
         return real_save(volume, path, fov_mm)
 
     monkeypatch.setattr(sampling, "save_nifti", stopped_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        main(["sample", "--checkpoint", str(run), "--n", "20", "--out", str(out)])
+    _stopped(capsys, ["sample", "--checkpoint", str(run), "--n", "20", "--out", str(out)], "run the same command again")
     assert not list(out.rglob("sample_*")) and not (out / "samples.png").exists()
     stale = out / ".samples.partial-999999"  # what a killed run leaves
     stale.mkdir()
@@ -475,8 +490,8 @@ def test_a_cohort_too_large_for_the_disk_is_refused_after_its_first_subject(tmp_
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(synth.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
     out = tmp_path / "cohort"
-    _fails(capsys, ["synth", "--n", "5000", "--size", "16", "--out", str(out)], "5000 subjects need about", "--n")
-    assert len(list(out.glob("*.nii.gz"))) == 1
+    _fails(capsys, ["synth", "--n", "5000", "--size", "16", "--out", str(out)], f"{out}: 5000 subjects need", "--n")
+    assert not list(out.rglob("*.nii.gz"))
 
 
 def test_a_write_that_fails_stops_the_cohort_at_once(tmp_path, monkeypatch, capsys):
@@ -1007,3 +1022,82 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_folder(tmp
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
     err = _fails(capsys, ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN], "no space left")
     assert "enforce fail" not in err and str(tmp_path / "r" / "checkpoints") in err
+
+
+# ------------------------------------------------------------------------------------------------ stopped by hand
+def _interrupted_after(calls: int, real):
+    """`real`, until its call number `calls` (from 0), which is a Ctrl-C."""
+    count = itertools.count()
+
+    def call(*args, **kwargs):
+        if next(count) == calls:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return call
+
+
+def test_a_run_stopped_by_ctrl_c_names_its_checkpoint_and_resumes_with_its_own_settings(tmp_path, capsys, monkeypatch):
+    from alphagan import train
+
+    run, early = tmp_path / "run", tmp_path / "early"
+    argv = ["train", "--data", "synth", *TRAIN[:-2], "--iters", "6", "--ckpt-every", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "iteration", _interrupted_after(3, train.iteration))
+        _stopped(capsys, [*argv, "--out", str(run)], "keeps iteration 2", f"train --out {run} --resume`")
+        patch.setattr(train, "iteration", _interrupted_after(0, train.iteration))
+        _stopped(capsys, [*argv, "--out", str(early)], "nothing to resume", "--overwrite")
+    # No --data, --profile or --iters: the run's own (on this CPU the default profile would be `cpu`, refused).
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    none = ["train", "--out", str(tmp_path / "none")]
+    _fails(capsys, [*none, "--resume"], "no run to resume here", "leave out --resume")
+    _fails(capsys, none, "--data is needed")
+    assert not (tmp_path / "none").exists()
+
+
+def test_other_commands_stopped_by_ctrl_c_keep_what_they_had_finished(tmp_path, cohort_dir, cache, capsys, monkeypatch):
+    from alphagan.data import prepare as prepare_module
+    from alphagan.data import synth
+
+    before = _snapshot(cache)
+    again = ["prepare", "--src", str(cohort_dir), "--out", str(cache), "--size", "16", "--workers", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module, "preprocess", _interrupted_after(0, prepare_module.preprocess))
+        _stopped(capsys, [*again, "--stretch", "--overwrite"], "nothing half-written is left")
+    assert _snapshot(cache) == before and sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache"]
+    with monkeypatch.context() as patch:
+        patch.setattr(synth, "make_subject", _interrupted_after(1, synth.make_subject))
+        _stopped(capsys, ["synth", "--n", "3", "--size", "16", "--out", str(tmp_path / "c")], "run the same command")
+    assert not list((tmp_path / "c").glob("sub-*"))  # no cohort that looks finished, or smaller than asked
+    assert main(["synth", "--n", "3", "--size", "16", "--out", str(tmp_path / "c")]) == 0
+
+
+def test_a_course_stopped_by_ctrl_c_says_which_notebooks_are_left(tmp_path, capsys, monkeypatch):
+    import papermill
+
+    from alphagan.course import plan
+
+    monkeypatch.setattr(plan, "seconds_per_iteration", lambda profile, model, latent, as_written=False: 0.5)
+    monkeypatch.setattr(papermill, "execute_notebook", _interrupted_after(1, lambda src, dst, **kw: None))
+    out = tmp_path / "c"
+    _stopped(capsys, ["course", "--profile", "smoke", "--only", "01,02,03", "--out", str(out)],
+             "02_architecture.ipynb was running", "--only 02,03")  # fmt: skip
+
+
+def _sleep_and_say_how_sigint_is_handled(seconds: float):
+    time.sleep(seconds)
+    return signal.getsignal(signal.SIGINT)
+
+
+def test_worker_processes_leave_ctrl_c_to_their_parent_which_stops_at_once():
+    """A terminal's Ctrl-C reaches every process of the command: the workers ignore it and the parent, stopping,
+    cancels the work not yet started instead of waiting for it (before, `prepare` hung)."""
+    from alphagan.workers import worker_pool
+
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt), worker_pool(2) as pool:
+        for handler in pool.map(_sleep_and_say_how_sigint_is_handled, [0.5] * 40):
+            assert handler == signal.SIG_IGN
+            raise KeyboardInterrupt
+    assert time.perf_counter() - start < 10  # all 40 jobs on 2 workers: 10 s

@@ -216,6 +216,9 @@ def _execute(notebook: Path, executed: Path, parameters: dict) -> None:
         # The kernel talks to us on 127.0.0.1 only; its start-up warning about unencrypted TCP is noise here, and
         # errors still reach the executed notebook and this runner.
         extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        # Ended at once when the notebook is done or stopped: a kernel asked to shut down while Ctrl-C stops a cell
+        # prints its own traceback (a closed socket) into our output.
+        shutdown_kernel="immediate",
     )
 
 
@@ -252,6 +255,12 @@ def run_course(
             parameters.update(plan.parameters(notebook.name[:2]) if minutes else {})
             try:
                 _execute(notebook, run_dir / notebook.name, parameters)
+            except KeyboardInterrupt:  # said by the command line, in its one line
+                rest = ",".join(nb.name[:2] for nb in selected[i - 1 :])
+                raise KeyboardInterrupt(
+                    f"{notebook.name} was running (its partial output: {run_dir / notebook.name}), the notebooks "
+                    f"before it are done; go on with the same command and --only {rest}"
+                ) from None
             except Exception as exc:  # papermill raises PapermillExecutionError; a kernel may also die
                 print(f"[{i}/{len(selected)}] {notebook.name} FAILED", flush=True)
                 where = _failed_cell(exc, notebook)

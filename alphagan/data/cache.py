@@ -11,7 +11,6 @@ import itertools
 import json
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import torch
 
 from alphagan.data.space import normalise, synthetic_origin, to_cube
 from alphagan.data.synth import make_subject
-from alphagan.folders import atomic_folder, end_with_parent, recover_folder, reserved_array
+from alphagan.folders import atomic_folder, recover_folder, reserved_array
 from alphagan.progress import tqdm
+from alphagan.workers import worker_pool
 
 CACHE_VERSION = 2  # 2: the manifest column cube_mm is called fov_mm, like everywhere else
 CACHE_FILES = frozenset({"volumes.npy", "manifest.tsv", "rejected.tsv", "settings.json"})
@@ -159,9 +159,8 @@ def _synth_one(args: tuple[int, int, int, str, str]) -> tuple[int, np.ndarray, f
     return index, normalise(cube), fov_mm
 
 
-def _worker_init() -> None:
+def _one_thread() -> None:
     torch.set_num_threads(1)  # one process per core: threads inside each would only compete
-    end_with_parent()
 
 
 def synthetic_cache(
@@ -189,19 +188,16 @@ def synthetic_cache(
         jobs = [(i, seed, size, kind, contrast) for i in range(n)]
         workers = max(1, min(workers or os.cpu_count() or 1, n))
         # Subject 0 here first: it loads the template, which forked workers then inherit instead of reading it.
-        first, pool = _synth_one(jobs[0]), None
-        rest = map(_synth_one, jobs[1:])
-        if workers > 1:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_worker_init)
-            rest = pool.map(_synth_one, jobs[1:], chunksize=max(1, n // (8 * workers)))
-        # Written as they arrive: the cohort is never held in memory.
-        for index, volume, fov_mm in itertools.chain([first], rest):
-            volumes[index], fovs[index] = volume, fov_mm
-            bar.update()
+        first = _synth_one(jobs[0])
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with worker_pool(workers, _one_thread, multiprocessing.get_context(method)) as pool:
+            chunk = max(1, n // (8 * workers))
+            rest = pool.map(_synth_one, jobs[1:], chunksize=chunk) if pool else map(_synth_one, jobs[1:])
+            # Written as they arrive: the cohort is never held in memory.
+            for index, volume, fov_mm in itertools.chain([first], rest):
+                volumes[index], fovs[index] = volume, fov_mm
+                bar.update()
         bar.close()
-        if pool is not None:
-            pool.shutdown()
         volumes.flush()
         del volumes
         source = f"synth:{kind}:{contrast}:seed{seed}"

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -39,13 +38,13 @@ from alphagan.folders import (
     FolderRefused,
     atomic_folder,
     check_claim,
-    end_with_parent,
     recover_folder,
     reserved_array,
     shown_names,
     take_lock,
 )
 from alphagan.progress import tqdm
+from alphagan.workers import worker_pool
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
 DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
@@ -620,9 +619,7 @@ def _prepare_locked(
         workers = workers or min(len(todo), os.cpu_count() or 1) or 1
         jobs = [(entry, settings, allow_generated) for _, entry in todo]
         with (
-            ProcessPoolExecutor(workers, initializer=end_with_parent)
-            if workers > 1
-            else contextlib.nullcontext() as pool,
+            worker_pool(workers) as pool,
             tqdm(total=len(todo), desc="prepare", unit="vol", disable=not progress) as bar,
         ):
             results = pool.map(_work, jobs, chunksize=1) if pool else map(_work, jobs)

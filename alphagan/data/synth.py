@@ -35,7 +35,7 @@ from scipy.spatial.transform import Rotation
 
 from alphagan.config import CONTRASTS, KINDS
 from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, synthetic_mark, voxel_ml, write_nifti
-from alphagan.folders import DiskFull, atomic, claim
+from alphagan.folders import DiskFull, atomic, claim, staged
 from alphagan.progress import tqdm
 
 NATIVE = 0  # size value meaning "the template's own 1 mm grid (197 x 233 x 189)"
@@ -344,13 +344,13 @@ def subject_id(index: int, kind: str, contrast: str) -> str:
     return f"sub-{kind}{index:04d}_{contrast}"
 
 
-def _check_disk(first: Path, n: int) -> None:
-    """Refuse, before it fills the disk, a cohort of `n` files each about as large as the `first`."""
+def _check_disk(first: Path, n: int, out: Path) -> None:
+    """Refuse, before it fills the disk of `out`, a cohort of `n` files each about as large as the `first`."""
     size = first.stat().st_size
-    needed, free = int(size * 1.1 * (n - 1)), shutil.disk_usage(first.parent).free
+    needed, free = int(size * 1.1 * (n - 1)), shutil.disk_usage(out).free
     if needed > free:
         raise DiskFull(
-            f"{first.parent}: {n} subjects need about {needed / 2**30:.1f} GiB more (the first took "
+            f"{out}: {n} subjects need about {needed / 2**30:.1f} GiB more (the first took "
             f"{size / 2**20:.2f} MiB), {free / 2**30:.1f} GiB are free; give a smaller --n or "
             f"another --out"
         )
@@ -385,21 +385,25 @@ def make_cohort(
     rows = []
     # Synthesis runs in this process (torch uses all cores for it); gzip compression, which releases the
     # GIL, overlaps with it in writer threads. At most two files wait for it, and a write that failed (a full
-    # disk) stops the cohort at once.
-    with claim(out, "synth", settings, writes, overwrite=overwrite) as owned, ThreadPoolExecutor(2) as writer:
+    # disk) stops the cohort at once. The files appear together at the end: a stopped cohort never looks finished.
+    with (
+        claim(out, "synth", settings, writes, overwrite=overwrite) as owned,
+        staged(owned.folder, writes) as staging,
+        ThreadPoolExecutor(2) as writer,
+    ):
         pending: list[Future] = []
         for index in tqdm(range(n), desc=f"synth {kind} {contrast}", disable=not progress, unit="subj"):
             subject = make_subject(index, seed=seed, size=size, kind=kind, contrast=contrast)
-            path = owned.folder / f"{names[index]}.nii.gz"
+            path = staging / f"{names[index]}.nii.gz"
             mark = synthetic_mark(kind, seed, index)
             pending.append(writer.submit(write_nifti, subject.volume, subject.affine, path, mark))
             rows.append({"subject": names[index], **subject.factors})
             if index == 0:  # the first file's size tells whether the whole cohort fits
                 pending.pop().result()
-                _check_disk(path, n)
+                _check_disk(path, n, owned.folder)
             while len(pending) > 2 or (pending and pending[0].done()):
                 pending.pop(0).result()
         for job in pending:
             job.result()
-        write_table([{c: row[c] for c in FACTOR_COLUMNS} for row in rows], owned.folder / "participants.tsv")
+        write_table([{c: row[c] for c in FACTOR_COLUMNS} for row in rows], staging / "participants.tsv")
     return Path(out)
