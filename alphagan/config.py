@@ -106,25 +106,28 @@ SETTINGS = frozenset(f.name for f in dataclasses.fields(Config))  # the names of
 SIZES = (16, 32, 64, 128, 256)  # a training volume's edge: the networks halve it down to 4^3; 256^3 fills a GPU
 
 
-def _finite(low: float, above: bool) -> tuple[Callable[[Any], bool], str]:
-    """A rule: a finite number above (or at least) `low`."""
-    if above:
-        return (lambda v: math.isfinite(v) and v > low), f"a finite number above {low:g}"
-    return (lambda v: math.isfinite(v) and v >= low), f"a finite number of at least {low:g}"
-
-
 _COUNT = (lambda v: v >= 1), ">= 1"
+MAX_STEPS = 100
+LR_RANGE = (1e-7, 1.0)
 # What each setting may be, for every command: `Config.validate` and the command line's options both ask `check`.
 # Settings that cannot learn are refused: no learning rate, a negative weight.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model": ((lambda v: v in MODELS), f"one of {', '.join(MODELS)}"),
     "size": ((lambda v: v in SIZES), f"a power of two from 16 to 256 ({', '.join(map(str, SIZES))})"),
-    **dict.fromkeys(("width", "latent", "g_steps", "d_steps", "code_hidden", "iters", "n_subjects"), _COUNT),
+    **dict.fromkeys(("width", "latent", "code_hidden", "iters", "n_subjects"), _COUNT),
+    # More updates than this in one iteration is a slip (the paper: 2 and 1, WGAN-GP's 5): one iteration would run
+    # for minutes with its progress bar still.
+    **dict.fromkeys(("g_steps", "d_steps"), ((lambda v: 1 <= v <= MAX_STEPS), f"from 1 to {MAX_STEPS}")),
     "batch": ((lambda v: v >= 2), ">= 2 (BatchNorm needs two volumes in a batch)"),
     **dict.fromkeys(("log_every", "sample_every", "ckpt_every", "n_fixed"), _COUNT),
     "keep_ckpts": ((lambda v: v >= 0), ">= 0 (0: keep every checkpoint)"),
-    "lr": _finite(0, above=True),
-    **dict.fromkeys(("lambda_gp", "lambda_rec", "beta_kl"), _finite(0, above=False)),
+    # Adam moves each weight by at most about `lr` a step: above 1 that swamps weights of about 0.01, and below 1e-7
+    # the paper's 100 000 iterations move a weight by no more than its own size. The paper's: 2e-4.
+    "lr": ((lambda v: LR_RANGE[0] <= v <= LR_RANGE[1]), f"from {LR_RANGE[0]:g} to {LR_RANGE[1]:g} (the paper: 2e-4)"),
+    **dict.fromkeys(
+        ("lambda_gp", "lambda_rec", "beta_kl"),
+        ((lambda v: math.isfinite(v) and v >= 0), "a finite number of at least 0"),
+    ),
     "critic_norm": ((lambda v: v in NORMS), f"one of {', '.join(NORMS)}"),
     "precision": ((lambda v: v in PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
     "seed": ((lambda v: 0 <= v < 2**32), "a whole number from 0 to 2^32 - 1"),

@@ -7,11 +7,14 @@ Taught in notebook 03 (the device, the dtype and CUDA graphs) and opened by ever
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -57,6 +60,34 @@ def synchronise(device: torch.device) -> None:
     timer reads around GPU work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device | None = None) -> int:
+    """Bytes that can be allocated on `device` now: a GPU's free memory, or the host's available memory (None: the
+    host; the CPU's, and Apple's GPU's, which shares it)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+@contextlib.contextmanager
+def out_of_memory_named(device: torch.device, fix: str) -> Iterator[None]:
+    """Turn running out of memory on `device` (PyTorch's many-line CUDA message, or its CPU allocator's "can't
+    allocate memory") into one MemoryError that says where, how much was asked for, and `fix`."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text):
+            raise
+        asked = re.search(r"[Tt]ried to allocate ([\d.]+) (\w+)", text)
+        if asked is None:
+            detail = ""
+        elif asked.group(2) == "bytes":
+            detail = f" (asked for {float(asked.group(1)) / 2**30:.2f} GiB more)"
+        else:
+            detail = f" (asked for {asked.group(1)} {asked.group(2)} more)"
+        raise MemoryError(f"out of memory on {describe(device)}{detail}; {fix}") from None
 
 
 def _mps() -> bool:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import psutil
 from scipy import ndimage
 
 from alphagan import anatomy, features, metrics
@@ -26,7 +25,7 @@ from alphagan.config import EVALUATE_DEFAULTS, Config
 from alphagan.data.cache import load_cache, read_manifest
 from alphagan.data.dataset import Source, data_digest, load_training_volumes
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
-from alphagan.device import pick_device
+from alphagan.device import free_memory, pick_device
 from alphagan.folders import claim, staged
 from alphagan.progress import tqdm
 from alphagan.runs import run_of, saved_config
@@ -118,7 +117,7 @@ def memory_needed(n: int, size: int, models: int) -> int:
 
 def _check_memory(n: int, size: int, models: int = 1) -> None:
     """Refuse an `n` whose volumes and pairwise matrices cannot fit in the memory available now, before any work."""
-    needed, available = memory_needed(n, size, models), psutil.virtual_memory().available
+    needed, available = memory_needed(n, size, models), free_memory()
     if needed > available:
         raise MemoryError(
             f"--n {n}: the real and {models} generated sets of {n} {size}³ volumes and the metrics (the MMD's "

@@ -36,7 +36,16 @@ from alphagan import metrics, runs
 from alphagan.checkpoint import load_newest, save_checkpoint
 from alphagan.config import Config
 from alphagan.data.dataset import Batches, Source, load_training_volumes
-from alphagan.device import Graphed, pick_device, pick_dtype, processes, use_graphs
+from alphagan.device import (
+    Graphed,
+    describe,
+    free_memory,
+    out_of_memory_named,
+    pick_device,
+    pick_dtype,
+    processes,
+    use_graphs,
+)
 from alphagan.losses import Terms
 from alphagan.models import build_networks
 from alphagan.progress import tqdm
@@ -238,6 +247,24 @@ def _final_samples(run: Run) -> None:
         save_nifti(volume, run.out / runs.SAMPLES / name, run.fov_mm)
 
 
+BYTES_PER_WEIGHT = 16  # float32: the weight, its gradient and Adam's two moments
+
+
+def _check_networks_fit(cfg: Config, device: torch.device) -> None:
+    """Refuse networks whose weights alone, with their gradients and Adam's moments, exceed the memory free on
+    `device`, counted on the `meta` device before anything is allocated (a mistyped --width or --latent)."""
+    with torch.device("meta"):
+        nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
+    weights = sum(p.numel() for net in nets.values() for p in net.parameters())
+    needed, free = weights * BYTES_PER_WEIGHT, free_memory(device)
+    if needed > free:
+        raise MemoryError(
+            f"--width {cfg.width}, --latent {cfg.latent}, --size {cfg.size}: the {cfg.model} networks' "
+            f"{weights / 1e6:,.0f} M weights, with their gradients and Adam's moments, need {needed / 2**30:,.1f} GiB, "
+            f"and {free / 2**30:,.1f} GiB are free on {describe(device)}; give a smaller --width or --latent"
+        )
+
+
 def train(
     cfg: Config,
     data: str,
@@ -255,10 +282,14 @@ def train(
     instead of at random (fine-tuning; the optimisers and the iteration start afresh). `after_iteration(done)` is
     called after every iteration (a profiler's `step`, a notebook's own display)."""
     cfg, out = cfg.validate(), Path(out)
-    pick_device(cfg.device)  # a device this machine lacks is refused before the run folder is made
+    device = pick_device(cfg.device)  # a device this machine lacks is refused before the run folder is made
+    _check_networks_fit(cfg, device)
     data = str(Source.parse(data))  # a cache as its absolute path: the run can be evaluated from anywhere
     use_headless_backend()
-    with runs.claim_run(out, cfg, data, resume, overwrite, init):
+    with (
+        runs.claim_run(out, cfg, data, resume, overwrite, init),
+        out_of_memory_named(device, "give a smaller --batch, --size, --width or --latent"),
+    ):
         run = _setup(cfg, data, out, resume, init, progress)
         update = _updates(run)
 

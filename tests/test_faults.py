@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from alphagan.checkpoint import list_checkpoints
 from alphagan.cli import main
@@ -600,17 +601,32 @@ def test_features_that_are_not_torch_weights_are_one_line(tmp_path, capsys):
 
 
 def test_sizes_that_cannot_fit_are_refused_saying_what_they_need(tmp_path, capsys, monkeypatch):
-    from alphagan import evaluate
+    from alphagan import device, evaluate
 
     with pytest.raises(SystemExit):
         main([*SYNTH[:3], "--size", "1000", "--out", str(tmp_path / "x")])
     assert "must be from 8 to 256" in capsys.readouterr().err
-    monkeypatch.setattr(evaluate.psutil, "virtual_memory", lambda: collections.namedtuple("m", "available")(2**30))
+    monkeypatch.setattr(device.psutil, "virtual_memory", lambda: collections.namedtuple("m", "available")(2**30))
     # 2 x 100 000 x 16³ float32 volumes (3.05 GiB), 0.25 GiB of workspace, two float64 blocks of 128 MiB, and
     # 32 bytes per 100 000² pair (298.02 GiB)
     with pytest.raises(MemoryError, match=r"--n 100000: .* need 301\.6 GiB of memory, 1\.0 GiB are available"):
         evaluate._check_memory(100_000, 16)
     evaluate._check_memory(1_000, 16)  # 31 MB, 256 MiB and four blocks of 31 MiB
+    # Networks counted before they are made: PyTorch's own words were "DefaultCPUAllocator: can't allocate memory".
+    train = ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN]
+    _fails(capsys, [*train, "--width", "100000"], "--width 100000", "GiB, and 1.0 GiB are free", "smaller --width")
+    assert not (tmp_path / "r").exists()
+
+
+def test_running_out_of_memory_while_training_is_one_line_with_the_fix(tmp_path, capsys, monkeypatch):
+    from alphagan import train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+
+    monkeypatch.setattr(train, "iteration", out_of_memory)
+    argv = ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN]
+    _fails(capsys, argv, "out of memory on CPU", "(asked for 2.00 GiB more)", "give a smaller --batch")
 
 
 def test_sample_streams_its_volumes_so_memory_stays_flat_in_n():
@@ -650,9 +666,12 @@ def test_one_definition_of_a_size_for_prepare_and_train(tmp_path, cohort_dir, ca
 @pytest.mark.parametrize(
     "flags, phrase",
     [
-        (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
-        (["--lr", "inf"], "--lr must be a finite number above 0, got inf"),
-        (["--lr", "nan"], "--lr must be a finite number above 0"),
+        (["--lr", "0"], "--lr must be from 1e-07 to 1 (the paper: 2e-4), got 0.0"),
+        (["--lr", "inf"], "--lr must be from 1e-07 to 1 (the paper: 2e-4), got inf"),
+        (["--lr", "nan"], "--lr must be from 1e-07 to 1"),
+        (["--lr", "10"], "--lr must be from 1e-07 to 1"),
+        (["--lr", "1e-30"], "--lr must be from 1e-07 to 1"),
+        (["--d-steps", "100000"], "--d-steps must be from 1 to 100, got 100000"),
         (["--lambda-rec", "-1000"], "--lambda-rec must be a finite number of at least 0"),
         (["--seed", "-1"], "--seed must be a whole number from 0"),
         (["--resume", "--overwrite"], "--resume continues the run"),
