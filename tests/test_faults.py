@@ -870,6 +870,21 @@ def test_files_that_are_not_a_head_scan_are_refused_with_the_reason(tmp_path, co
     assert len(read_manifest(tmp_path / "cache")) == 5
 
 
+def test_a_scan_much_coarser_than_the_cube_is_refused_naming_a_size_that_works(tmp_path, cohort_dir, capsys):
+    """Thick slices resized up to the cube would put blur into the training set: refused, and the largest size at
+    which the scan is fine enough is named."""
+    src = tmp_path / "src"
+    shutil.copytree(cohort_dir, src)
+    path = sorted(src.glob("*.nii.gz"))[0]
+    img = nib.load(path)  # 6 mm voxels; a 32³ cube of the brain has voxels of about 4.7 mm
+    _nifti_any(img.get_fdata(dtype=np.float32)[:, :, ::2], img.affine @ np.diag([1, 1, 2, 1])).to_filename(path)
+    assert main(["prepare", "--src", str(src), "--out", str(tmp_path / "cache"), "--size", "32"]) == 0
+    said = capsys.readouterr().err
+    reason = rf"{path.name}: voxels of 6 x 6 x 12 mm, 2\.\dx as coarse as a 32³ cube's on axis z \(at most 2x\)"
+    assert re.search(reason, said) and "prepare at --size 16 or leave it out" in said, said
+    assert len(read_manifest(tmp_path / "cache")) == 5
+
+
 def _nifti_any(data, affine):
     return nib.Nifti1Image(data, affine)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from alphagan.config import LAYOUTS, check
+from alphagan.config import LAYOUTS, SIZES, check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
 from alphagan.data.space import GENERATED_MARK, InputError, bounding_box, normalise, origin_of, to_cube
 from alphagan.folders import (
@@ -51,6 +51,7 @@ DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
 MAX_VOXELS = 512**3  # a header promising more is refused before its data are read (1 mm brains: about 8 M voxels)
 MIN_BRAIN_EXTENT_MM = 50.0  # a brain is at least this long on every axis (adult brains: 140-180 mm)
 MAX_BRAIN_EXTENT_MM = 400.0  # a head scan's whole field of view, neck included, is shorter than this on every axis
+MAX_UPSAMPLING = 2.0  # a scan's voxels may be at most this many times the cube's on an axis (`check_resolution`)
 LABEL_VALUES = 16  # a volume of at most this many distinct values is a label map or a mask, not an intensity image
 UNIT_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}  # NIfTI's spatial units; unknown: mm
 
@@ -371,7 +372,28 @@ def check_volume(data: np.ndarray, spacing: np.ndarray) -> None:
             f"too large to be a head: {measures} (at most {MAX_BRAIN_EXTENT_MM:.0f} mm per axis expected); its voxel "
             f"sizes or spatial unit (pixdim, xyzt_units) are wrong"
         )
-    _check_not_labels(data)
+
+
+def _cube_voxel_mm(extent: np.ndarray, size: int, stretch: bool) -> np.ndarray:
+    """The edge of a cube voxel on each axis once a brain of `extent` mm is made a `size`^3 cube (`to_cube`)."""
+    return extent / size if stretch else np.full(3, extent.max() / size)
+
+
+def check_resolution(data: np.ndarray, spacing: np.ndarray, settings: Settings) -> None:
+    """Refuse a scan whose voxels are more than `MAX_UPSAMPLING` times as coarse as the cube's on some axis (thick
+    slices, a low-resolution scout): resizing it up would put blur, not anatomy, into the training set."""
+    extent = _foreground_extent_mm(data, spacing)
+    coarse = spacing / _cube_voxel_mm(extent, settings.size, settings.stretch)
+    if coarse.max() <= MAX_UPSAMPLING:
+        return
+    axis = int(coarse.argmax())
+    fits = [s for s in SIZES if (spacing / _cube_voxel_mm(extent, s, settings.stretch)).max() <= MAX_UPSAMPLING]
+    fix = f"prepare at --size {fits[-1]} or leave it out" if fits else "leave it out"
+    raise InputError(
+        f"voxels of {' x '.join(f'{v:.3g}' for v in spacing)} mm, {coarse[axis]:.1f}x as coarse as a "
+        f"{settings.size}³ cube's on axis {'xyz'[axis]} (at most {MAX_UPSAMPLING:g}x): resizing it up would train "
+        f"blur; {fix}"
+    )
 
 
 def _check_not_labels(data: np.ndarray) -> None:
@@ -419,6 +441,8 @@ def preprocess(path: str | Path, settings: Settings = Settings(), channel: int =
     """One file to one normalised `size`^3 cube, with what the manifest records about it."""
     data, spacing = load_ras(path, channel)
     check_volume(data, spacing)
+    check_resolution(data, spacing, settings)
+    _check_not_labels(data)
     check_intensities(data)
     np.maximum(data, 0.0, out=data)  # a few slightly negative voxels: noise beside a zero background
     cube, fov_mm = to_cube(data, spacing, settings.size, settings.stretch)
