@@ -44,12 +44,26 @@ class DiskFull(OSError):
     """No space left while writing; the message names the folder and, where known, the space needed."""
 
 
+def _existing(folder: Path) -> Path:
+    """`folder`, or where it is not made yet its nearest parent that is: the one whose disk it will be on."""
+    return next(p for p in (folder, *folder.parents) if p.exists())
+
+
 def disk_full(folder: Path, needed: int | None = None) -> DiskFull:
     """The one-line error for a full disk under `folder`."""
     need = f"; it needs {needed / 2**30:.2f} GiB" if needed else ""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())  # a folder not made yet: its disk's
-    free = shutil.disk_usage(existing).free / 2**30
+    free = shutil.disk_usage(_existing(folder)).free / 2**30
     return DiskFull(f"{folder}: no space left on its disk ({free:.2f} GiB free{need}); free some space and run again")
+
+
+def check_space(folder: Path, needed: int, what: str, fix: str) -> None:
+    """Refuse, before any of it is written, work whose files (`what`, about `needed` bytes) do not fit on the disk
+    of `folder` (made or not), with `fix`."""
+    free = shutil.disk_usage(_existing(folder)).free
+    if needed > free:
+        raise DiskFull(
+            f"{folder}: {what} need about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free on its disk; {fix}"
+        )
 
 
 def reserve(file: IO, nbytes: int, folder: Path) -> None:

@@ -24,10 +24,12 @@ from alphagan.checkpoint import open_checkpoint
 from alphagan.config import Config
 from alphagan.data.space import DEFAULT_FOV_MM, GENERATED_MARK, cube_affine, write_nifti
 from alphagan.device import pick_device
-from alphagan.folders import claim, staged
+from alphagan.folders import check_space, claim, staged
 from alphagan.models import Generator
 from alphagan.progress import tqdm
 from alphagan.viz import cuts_grid, save_figure, use_headless_backend
+
+NIFTI_HEADER, SAMPLES_PNG = 352, 2**20
 
 
 @torch.no_grad()
@@ -103,6 +105,9 @@ def write_samples(
     path, state = open_checkpoint(checkpoint)
     path = path.resolve()
     G, cfg, state = generator_of(state, str(pick_device(device)), seed=seed)
+    # float32 voxels, about what gzip leaves of a generated volume's (noisy) mantissas, and the picture
+    needed = n * (cfg.size**3 * 4 + NIFTI_HEADER) + SAMPLES_PNG
+    check_space(Path(out), needed, f"{n} samples of {cfg.size}³", "give a smaller --n or another --out")
     names = sample_names(n)
     settings = {"checkpoint": str(path), "iteration": state["iter"], "n": n, "seed": seed}
     shown: list[torch.Tensor] = []

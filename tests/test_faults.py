@@ -483,16 +483,24 @@ def test_a_full_disk_is_found_before_a_memory_mapped_write_not_by_sigbus(tmp_pat
     assert not (tmp_path / "volumes.npy").exists()
 
 
-def test_a_cohort_too_large_for_the_disk_is_refused_after_its_first_subject(tmp_path, monkeypatch, capsys):
+def test_a_cohort_or_samples_too_large_for_the_disk_are_refused_before_they_fill_it(tmp_path, monkeypatch, capsys):
     import collections
 
-    from alphagan.data import synth
+    from alphagan import folders
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(synth.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
     out = tmp_path / "cohort"
-    _fails(capsys, ["synth", "--n", "5000", "--size", "16", "--out", str(out)], f"{out}: 5000 subjects need", "--n")
+    _fails(capsys, ["synth", "--n", "5000", "--size", "16", "--out", str(out)], f"{out}: 5000 subjects (the", "--n")
     assert not list(out.rglob("*.nii.gz"))
+    # `sample` counts before it generates anything: 5000 volumes of 16 kB (16³ float32).
+    run = tmp_path / "run"
+    monkeypatch.undo()
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    argv = ["sample", "--checkpoint", str(run), "--n", "5000", "--out", str(tmp_path / "s")]
+    _fails(capsys, argv, "5000 samples of 16³ need about 0.1 GiB, 0.0 GiB are free", "smaller --n")
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_write_that_fails_stops_the_cohort_at_once(tmp_path, monkeypatch, capsys):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import functools
 import math
-import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from scipy.spatial.transform import Rotation
 
 from alphagan.config import CONTRASTS, KINDS
 from alphagan.data.space import DEFAULT_FOV_MM, cube_affine, synthetic_mark, voxel_ml, write_nifti
-from alphagan.folders import DiskFull, atomic, claim, staged
+from alphagan.folders import atomic, check_space, claim, staged
 from alphagan.progress import tqdm
 
 NATIVE = 0  # size value meaning "the template's own 1 mm grid (197 x 233 x 189)"
@@ -347,13 +346,8 @@ def subject_id(index: int, kind: str, contrast: str) -> str:
 def _check_disk(first: Path, n: int, out: Path) -> None:
     """Refuse, before it fills the disk of `out`, a cohort of `n` files each about as large as the `first`."""
     size = first.stat().st_size
-    needed, free = int(size * 1.1 * (n - 1)), shutil.disk_usage(out).free
-    if needed > free:
-        raise DiskFull(
-            f"{out}: {n} subjects need about {needed / 2**30:.1f} GiB more (the first took "
-            f"{size / 2**20:.2f} MiB), {free / 2**30:.1f} GiB are free; give a smaller --n or "
-            f"another --out"
-        )
+    what = f"{n} subjects (the first took {size / 2**20:.2f} MiB)"
+    check_space(out, int(size * 1.1 * (n - 1)), what, "give a smaller --n or another --out")
 
 
 def write_table(rows: list[dict], path: Path) -> None:
