@@ -182,10 +182,16 @@ def evaluate(
     side that is not held out, or not the kind of data a model learned, is refused (`_wrong_real_side`)."""
     use_headless_backend()
     source = Source.parse(real)  # a bad --real is named before any model is loaded
-    held = None if source.synthetic else load_cache(source.cache)[2]["size"]
+    cache = None if source.synthetic else load_cache(source.cache)
+    held = None if cache is None else cache[2]["size"]
     opened = [open_checkpoint(c) for c in checkpoints]  # loaded once; a folder's damaged newest is passed over
     contrast = contrast or source.contrast
     files, trained_on = _checked_inputs(source, held, opened, contrast)
+    if cache is not None and n > len(cache[0]):  # fewer real volumes than asked for: every number would mean less
+        raise ValueError(
+            f"--n {n}: --real {source.cache} holds {len(cache[0])} volumes; give --n {len(cache[0])} or fewer, or a "
+            f"larger held-out cache"
+        )
     feature_net = features.load_feature_network(feature_weights) if feature_weights else None
     ev = Evaluation(
         str(source), files, n, pairs, mmd_batch, mmd_repetitions, n_anatomy, contrast, feature_weights, seed

@@ -178,6 +178,9 @@ def test_a_cache_of_the_synthetic_cohort_a_model_trained_on_is_refused(runs, tmp
     said = capsys.readouterr().err
     assert re.search(r"synthetic cohort .* \(normal seed 0\), not held out; give --real synth", said), said
     assert main(["evaluate", "--real", str(caches[3]), "--out", str(tmp_path / "e3"), *args]) == 0
+    # A cache of 6 held-out volumes is not 8 of them: asked for more, evaluate says so instead of using fewer.
+    assert main(["evaluate", "--real", str(caches[3]), "--out", str(tmp_path / "e8"), *args, "--n", "8"]) == 1
+    assert "--n 8: --real" in capsys.readouterr().err and not (tmp_path / "e8").exists()
 
 
 def test_a_synthetic_real_side_of_another_kind_contrast_or_seed_is_refused(runs, tmp_path, capsys):
