@@ -834,6 +834,7 @@ def _headed(path, data, affine, **fields):
 
 def test_spatial_units_are_read_as_the_header_states_them(tmp_path, cohort_dir):
     """A brain stored in metres or microns (NIfTI's xyzt_units) is the same brain: the same cube as in mm."""
+    from alphagan.data.cache import Settings
     from alphagan.data.prepare import UNIT_MM, load_ras, preprocess
 
     img = nib.load(sorted(cohort_dir.glob("*.nii.gz"))[0])
@@ -846,7 +847,7 @@ def test_spatial_units_are_read_as_the_header_states_them(tmp_path, cohort_dir):
         header = nib.load(path).header
         assert header.get_xyzt_units()[0] == unit and header["pixdim"][1] == pytest.approx(mm[0, 0] / UNIT_MM[unit])
         np.testing.assert_allclose(load_ras(path)[1], np.abs(np.diag(mm)[:3]), rtol=1e-5)
-        cubes[unit] = preprocess(path)[0]
+        cubes[unit] = preprocess(path, Settings(size=32))[0]
     np.testing.assert_allclose(cubes["meter"], cubes["mm"], atol=1e-5)
     np.testing.assert_allclose(cubes["micron"], cubes["mm"], atol=1e-5)
 

@@ -177,14 +177,14 @@ def test_a_run_starts_from_the_weights_of_another(tmp_path):
     cfg = make_config("smoke", **SMOKE)
     first = train(cfg, "synth:tumor:t2", tmp_path / "03", progress=False)
     start = tmp_path / "03" / "checkpoints"
-    # With a learning rate of 1e-12 (0 cannot learn, and is refused) the weights stay within 1e-9 of where they
-    # started: the other run's, not random ones.
-    still = cfg.replace(lr=1e-12, iters=1)
+    # With the smallest learning rate allowed, 1e-7, one iteration (Adam's first steps move a weight by lr each)
+    # leaves the weights within 1e-6 of where they started: the other run's, not random ones.
+    still = cfg.replace(lr=1e-7, iters=1)
     tuned = train(still, "synth", tmp_path / "05", progress=False, init=start)
     fresh = train(still, "synth", tmp_path / "fresh", progress=False)
     for k, net in first.nets.items():
         for (name, a), b in zip(net.named_parameters(), tuned.nets[k].parameters()):
-            assert torch.allclose(a, b, rtol=0, atol=1e-9), f"{k}.{name}"
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), f"{k}.{name}"
         assert not all(torch.equal(a, c) for a, c in zip(net.parameters(), fresh.nets[k].parameters())), k
     recorded = json.loads((tmp_path / "05" / "config.json").read_text())["init"]
     assert recorded == str((start / "ckpt_00000004.pt").resolve())
