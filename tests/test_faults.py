@@ -2,6 +2,7 @@
 
 import collections
 import fcntl
+import gzip
 import itertools
 import json
 import re
@@ -1144,3 +1145,16 @@ def test_worker_processes_leave_ctrl_c_to_their_parent_which_stops_at_once():
             assert handler == signal.SIG_IGN
             raise KeyboardInterrupt
     assert time.perf_counter() - start < 10  # all 40 jobs on 2 workers: 10 s
+
+
+def test_a_file_nibabel_cannot_open_is_rejected_in_our_words_with_the_fix(tmp_path, cohort_dir, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(cohort_dir, src)
+    first, second = sorted(src.glob("*.nii.gz"))[:2]
+    first.write_bytes(gzip.decompress(first.read_bytes()))  # a plain .nii under a .nii.gz name
+    second.write_bytes(b"")
+    assert main(["prepare", "--src", str(src), "--out", str(tmp_path / "cache"), "--size", "16"]) == 0
+    said = capsys.readouterr().err
+    assert f"{first.name}: named .gz but not gzip-compressed; rename it without the .gz" in said, said
+    assert f"{second.name}: an empty file (0 bytes)" in said and "Error" not in said, said
+    assert len(read_manifest(tmp_path / "cache")) == 4

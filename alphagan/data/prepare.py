@@ -260,6 +260,19 @@ def _load(path: str | Path):
         logger.handlers = handlers
 
 
+def _unreadable(path: Path) -> str:
+    """Why nibabel could not open `path`, in our words."""
+    with open(path, "rb") as f:
+        start = f.read(2)
+    if not start:
+        return "an empty file (0 bytes); copy it again"
+    suffix = path.suffix.lower()
+    if suffix in (".gz", ".mgz") and start != b"\x1f\x8b":
+        fix = "without the .gz" if suffix == ".gz" else ".mgh"
+        return f"named {path.suffix} but not gzip-compressed; rename it {fix}"
+    return "not a readable NIfTI/MGH image: truncated, damaged or of another format"
+
+
 def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """The volume of `path` as float32 in RAS orientation, and its voxel sizes in mm.
 
@@ -267,8 +280,8 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
     """
     try:
         img, repaired = _load(path)
-    except Exception as exc:  # nibabel raises many types for unreadable files
-        raise InputError(f"not a readable NIfTI/MGH image ({type(exc).__name__}: {exc})") from None
+    except Exception:  # nibabel raises many types for unreadable files
+        raise InputError(_unreadable(Path(path))) from None
     shape = img.shape
     if len(shape) == 4 and channel >= 0:
         if channel >= shape[3]:
