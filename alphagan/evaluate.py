@@ -243,7 +243,7 @@ def _evaluate(
 ) -> dict:
     """`evaluate` once its folder is claimed, with the checkpoints' `states`, the data each trained on and the
     feature network of the Fréchet distance (None: none)."""
-    models = [generator_of(state, device) for state in states]
+    models = [generator_of(state, device, progress=True) for state in states]
     size = models[0][1].size  # one size for all (`evaluate`)
     _check_memory(ev.n, size, len(models))
     # One bar from the first second: the real side (a synthetic one is made here) is often the longest step.

@@ -34,21 +34,24 @@ NIFTI_HEADER, SAMPLES_PNG = 352, 2**20
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    generator: nn.Module, latent: int, batch: int = 8, batches: int = 32, seed: int = 0
+    generator: nn.Module, latent: int, batch: int = 8, batches: int = 32, seed: int = 0, progress: bool = False
 ) -> nn.Module:
     """Replace every BatchNorm's running mean and variance by their average over N(0, I) code batches
-    (`torch.optim.swa_utils.update_bn`: statistics reset, then a cumulative average over the batches)."""
+    (`torch.optim.swa_utils.update_bn`: statistics reset, then a cumulative average over the batches). `progress`:
+    a bar (the paper's generator on a CPU takes about 20 s)."""
     device = next(generator.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    update_bn([torch.randn(batch, latent, generator=gen) for _ in range(batches)], generator, device=device)
+    codes = [torch.randn(batch, latent, generator=gen) for _ in range(batches)]
+    update_bn(tqdm(codes, desc="BatchNorm statistics on N(0, I) codes", unit="batch", disable=not progress),
+              generator, device=device)  # fmt: skip
     return generator.eval()
 
 
 def calibrated_generator(
-    generator: nn.Module, latent: int, batch: int = 8, batches: int = 32, seed: int = 0
+    generator: nn.Module, latent: int, batch: int = 8, batches: int = 32, seed: int = 0, progress: bool = False
 ) -> nn.Module:
     """A copy of `generator` in eval mode with recalibrated statistics; the original is left untouched."""
-    return recalibrate_batchnorm(copy.deepcopy(generator), latent, batch, batches, seed)
+    return recalibrate_batchnorm(copy.deepcopy(generator), latent, batch, batches, seed, progress)
 
 
 @torch.no_grad()
@@ -69,13 +72,16 @@ def sample_names(n: int) -> list[str]:
     return [f"sample_{i:04d}.nii.gz" for i in range(n)]
 
 
-def generator_of(state: dict, device: str = "cpu", seed: int | None = None) -> tuple[nn.Module, Config, dict]:
+def generator_of(
+    state: dict, device: str = "cpu", seed: int | None = None, progress: bool = False
+) -> tuple[nn.Module, Config, dict]:
     """The generator of a checkpoint's state (`checkpoint.open_checkpoint`), calibrated and ready for sampling,
     with the run's settings and the state. `seed` draws the calibration codes (default: the run's)."""
     cfg = Config.from_dict(state["config"])
     G = Generator(cfg.size, cfg.width, cfg.latent)
     G.load_state_dict(state["nets"]["G"])
-    G = calibrated_generator(G.to(device), cfg.latent, batch=cfg.batch, seed=cfg.seed if seed is None else seed)
+    seed = cfg.seed if seed is None else seed
+    G = calibrated_generator(G.to(device), cfg.latent, batch=cfg.batch, seed=seed, progress=progress)
     return G, cfg, state
 
 
@@ -104,7 +110,7 @@ def write_samples(
     use_headless_backend()
     path, state = open_checkpoint(checkpoint)
     path = path.resolve()
-    G, cfg, state = generator_of(state, str(pick_device(device)), seed=seed)
+    G, cfg, state = generator_of(state, str(pick_device(device)), seed=seed, progress=True)
     # float32 voxels, about what gzip leaves of a generated volume's (noisy) mantissas, and the picture
     needed = n * (cfg.size**3 * 4 + NIFTI_HEADER) + SAMPLES_PNG
     check_space(Path(out), needed, f"{n} samples of {cfg.size}³", "give a smaller --n or another --out")
@@ -119,7 +125,7 @@ def write_samples(
         batch = 8
         batches = generate_batches(G, n, cfg.latent, seed=seed, batch=batch)
         written = 0
-        for volumes in tqdm(batches, total=-(-n // batch), desc="sample", unit="batch", disable=n <= 64):
+        for volumes in tqdm(batches, total=-(-n // batch), desc="sample", unit="batch"):
             for volume in volumes:
                 save_nifti(volume, staging / names[written], state["fov_mm"])
                 written += 1
