@@ -1158,3 +1158,12 @@ def test_a_file_nibabel_cannot_open_is_rejected_in_our_words_with_the_fix(tmp_pa
     assert f"{first.name}: named .gz but not gzip-compressed; rename it without the .gz" in said, said
     assert f"{second.name}: an empty file (0 bytes)" in said and "Error" not in said, said
     assert len(read_manifest(tmp_path / "cache")) == 4
+
+
+def test_a_cache_holding_other_files_is_not_replaced_with_them(tmp_path, cohort_dir, cache, capsys):
+    """A cache is swapped whole when prepared again: samples saved inside it would go with it, so it is refused."""
+    (cache / "mine").mkdir()
+    (cache / "mine" / "notes.txt").write_text("kept")
+    argv = ["prepare", "--src", str(cohort_dir), "--out", str(cache), "--size", "16", "--stretch", "--overwrite"]
+    _fails(capsys, argv, "a cache that also holds mine, which `alphagan prepare` did not write; move them out")
+    assert (cache / "mine" / "notes.txt").read_text() == "kept"

@@ -34,6 +34,7 @@ from alphagan.config import LAYOUTS, SIZES, check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
 from alphagan.data.space import GENERATED_MARK, InputError, bounding_box, normalise, origin_of, to_cube
 from alphagan.folders import (
+    LOCK,
     MANIFEST,
     FolderRefused,
     atomic_folder,
@@ -514,6 +515,13 @@ def _check_out(src: str, out: Path, settings: Settings, overwrite: bool) -> None
     root, target = root.resolve(), out.resolve()
     if target == root or target in root.parents:
         raise ValueError(f"{out}: the inputs ({src}) lie inside this folder; choose an --out outside them")
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    foreign = sorted(names - CACHE_FILES - {LOCK})
+    if "volumes.npy" in names and foreign:  # a cache is replaced whole: what else lies in it would go with it
+        raise FolderRefused(
+            f"{out}: a cache that also holds {shown_names(foreign)}, which `alphagan prepare` did not write; move "
+            f"them out of it, or choose another --out"
+        )
     record_of = partial(_cache_record, settings=settings)
     check_claim(out, "prepare", asdict(settings), overwrite=overwrite, record_of=record_of)
 
