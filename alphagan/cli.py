@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -193,6 +194,14 @@ def _at_least(low: int):
     return parse
 
 
+def _workers(text: str) -> int:
+    """An argparse type: processes, from 1 to this machine's cores (each holds its own libraries and volumes)."""
+    value, cores = int(text), os.cpu_count() or 1
+    if not 1 <= value <= cores:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {cores} (this machine's cores), got {value}")
+    return value
+
+
 _positive = _at_least(1)
 _at_least_two = _at_least(2)  # a diversity score needs a pair
 
@@ -239,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="auto", choices=LAYOUTS)
     p.add_argument("--modality", default=None, help="e.g. t1, t2, flair (layout-dependent)")
     p.add_argument("--stretch", action="store_true", help="resize each axis to the cube (the authors' way)")
-    p.add_argument("--workers", type=_positive, default=None, help="processes; default: one per core")
+    p.add_argument("--workers", type=_workers, default=None, help="processes; default: one per core")
     p.add_argument("--overwrite", action="store_true", help="replace a cache prepared with other settings")
     p.add_argument(
         "--allow-generated", action="store_true", help="take volumes a model generated (refused: not training data)"

@@ -696,7 +696,12 @@ def test_settings_that_cannot_learn_and_flags_that_contradict_are_refused_by_nam
 
 
 @pytest.mark.parametrize(
-    "argv", [["course", "--minutes", "inf"], ["sample", "--checkpoint", "c", "--out", "x", "--seed", "-1"]]
+    "argv",
+    [
+        ["course", "--minutes", "inf"],
+        ["sample", "--checkpoint", "c", "--out", "x", "--seed", "-1"],
+        ["prepare", "--src", "s", "--out", "x", "--workers", "100000"],  # each a process with its own libraries
+    ],
 )
 def test_numbers_are_checked_where_they_are_parsed(tmp_path, capsys, argv):
     with pytest.raises(SystemExit):

@@ -661,7 +661,7 @@ def _prepare_locked(
             entry.shape, entry.spacing, entry.fov_mm = row["shape"], row["spacing"], float(row["fov_mm"])
             entry.origin = row.get("origin") or ""  # caches written before origins were recorded have none
             scratch[index], ok[index] = volume, True
-        workers = workers or min(len(todo), os.cpu_count() or 1) or 1
+        workers = min(workers or os.cpu_count() or 1, len(todo)) or 1  # no more processes than volumes
         jobs = [(entry, settings, allow_generated) for _, entry in todo]
         with (
             worker_pool(workers) as pool,
