@@ -20,6 +20,7 @@ from alphagan.course.settings import Profile, TrainingRun
 from alphagan.data.dataset import Batches
 from alphagan.device import GRAPH_WARMUP, Graphed, fastest_kernels, pick_device, pick_dtype, synchronise, use_graphs
 from alphagan.models import build_networks
+from alphagan.progress import tqdm
 from alphagan.steps import UPDATES, iteration, optimisers, update_steps
 
 
@@ -158,7 +159,9 @@ def plan_course(profile: str, minutes: float | None = None, only: list[str] | No
     probe = probe_seconds() if units.keys() & set(notebooks) else 0.0  # a fresh Python: only when it is used
     other = {nb: units[nb] * probe if nb in units else None for nb in notebooks}
     plan = Plan(profile, runs, other=other)
-    for kind in sorted({r.kind for rs in runs.values() for r in rs}):
+    kinds = sorted({r.kind for rs in runs.values() for r in rs})
+    # A bar: at the paper's size on a CPU (the gpu profile on a laptop) one kind takes minutes to time.
+    for kind in tqdm(kinds, desc="course: timing each kind of model here", unit="model", file=sys.stdout):
         plan.seconds[kind] = seconds_per_iteration(profile, *kind)
     planned = sum(plan.minutes(nb) for nb in runs)
     if minutes is None or planned <= 0:
