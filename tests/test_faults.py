@@ -725,6 +725,18 @@ def test_results_never_replaces_a_page_it_did_not_write(tmp_path, capsys):
     assert main(["results", str(run), "--out", str(tmp_path / "page.md")]) == 0
     assert main(["results", str(run), "--out", str(tmp_path / "page.md")]) == 0  # its own page: written again
     _fails(capsys, ["results", str(run), "--out", str(tmp_path)], "a folder; give the page's file name, e.g. --out")
+    # Its figures' folder: the user's, beside no page of results, is kept; its own holds one run's figures only.
+    (run / "summary.md").write_text("# Course run\n\n![a figure](03/a.png)\n")
+    (run / "03").mkdir()
+    (run / "03" / "a.png").write_bytes(b"png")
+    (tmp_path / "other_files").mkdir()
+    (tmp_path / "other_files" / "mine.txt").write_text("mine")
+    _fails(capsys, ["results", str(run), "--out", str(tmp_path / "other.md")], "other_files: a folder that", "kept")
+    assert (tmp_path / "other_files" / "mine.txt").read_text() == "mine"
+    (tmp_path / "page_files" / "stale.png").write_bytes(b"an earlier run's")
+    assert main(["results", str(run), "--out", str(tmp_path / "page.md")]) == 0
+    assert sorted(p.name for p in (tmp_path / "page_files").rglob("*")) == ["03", "a.png"]
+    assert "![a figure](page_files/03/a.png)" in (tmp_path / "page.md").read_text()
 
 
 def test_a_cache_variable_pointing_to_a_file_is_named(tmp_path, capsys, monkeypatch):

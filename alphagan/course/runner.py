@@ -20,7 +20,7 @@ from pathlib import Path
 from alphagan.course.plan import plan_course
 from alphagan.device import choose_profile, machine
 from alphagan.evaluate import plain
-from alphagan.folders import atomic, check_claim, claim
+from alphagan.folders import atomic, atomic_folder, check_claim, claim
 from alphagan.progress import SAVED_RUN
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -113,12 +113,12 @@ def _numbers(path: Path) -> list[str]:
     return [f"Numbers (`{path.name}`):", "", "| quantity | | value |", "|---|---|---|", *rows, ""]
 
 
-def _copy_figure(run_dir: Path, files: Path, page_dir: Path, match: re.Match) -> str:
-    """A figure link of a summary, its file copied under `files`, the link rewritten relative to the page."""
-    target = files / match.group(2)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / match.group(2), target)
-    return f"![{match.group(1)}]({target.relative_to(page_dir).as_posix()})"
+def _copy_figure(run_dir: Path, staging: Path, files: Path, page_dir: Path, match: re.Match) -> str:
+    """A figure link of a summary, its file copied under `staging` (what becomes `files`), the link rewritten
+    relative to the page."""
+    (staging / match.group(2)).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / match.group(2), staging / match.group(2))
+    return f"![{match.group(1)}]({(files / match.group(2)).relative_to(page_dir).as_posix()})"
 
 
 RESULTS_MARK = "<!-- written by"  # the first words of a page `results` wrote, and may write again
@@ -141,7 +141,15 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
         raise FileExistsError(
             f"{out}: a file that `alphagan results` did not write; it is kept: give another --out, or move it away"
         )
-    body = re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", partial(_copy_figure, run_dir, files, out.parent), text)
+    if files.exists() and not out.exists():
+        raise FileExistsError(
+            f"{files}: a folder that `alphagan results` did not write (its page {out.name} is not beside it); it is "
+            f"kept: give another --out, or move it away"
+        )
+    with atomic_folder(files) as staging:  # the figures of this run only: those of an earlier one go with it
+        body = re.sub(
+            r"!\[([^\]]*)\]\(([^)]+\.png)\)", partial(_copy_figure, run_dir, staging, files, out.parent), text
+        )
     head = f"{RESULTS_MARK} `python -m alphagan results {run_dir} --out {out}`; edit the run, not this page -->\n\n"
     with atomic(out) as tmp:
         tmp.write_text(head + body)
