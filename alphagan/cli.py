@@ -111,8 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = run_settings(args.out) if args.resume and args.profile is None else None
     data = args.data or (run[1] if run else None)
     if data is None:
+        if run is not None:
+            raise ValueError(f"{args.out}: its config.json is gone, so what the run trained on is unknown; give --data")
         if args.resume:
-            raise FileNotFoundError(f"{args.out}: no run to resume here (no config.json); leave out --resume")
+            raise FileNotFoundError(f"{args.out}: no run to resume here (no checkpoint); leave out --resume")
         raise ValueError("--data is needed: a prepared cache folder, or synth[:kind[:contrast]]")
     source = Source.parse(data)
     if run is None and "size" not in overrides and not source.synthetic and (source.cache / "settings.json").exists():

@@ -25,6 +25,7 @@ from alphagan.checkpoint import (
     iteration_of,
     list_checkpoints,
     load_checkpoint,
+    load_newest,
 )
 from alphagan.config import SETTINGS, Config
 from alphagan.data.dataset import Batches, Source, data_digest
@@ -132,13 +133,15 @@ def stopped_note(out: str | Path) -> str:
     )
 
 
-def run_settings(out: str | Path) -> tuple[Config, str] | None:
-    """The settings and the data of the run in `out`, from its config.json (what `--resume` continues with); None
-    where there is no run."""
+def run_settings(out: str | Path) -> tuple[Config, str | None] | None:
+    """The settings and the data of the run in `out` (what `--resume` continues with): its config.json's, or where
+    that is gone its newest checkpoint's settings and no data; None where there is no run."""
     saved = saved_config(out)
-    if not saved:
+    if saved:
+        return Config.from_dict({k: v for k, v in saved.items() if k in SETTINGS}), saved["data"]
+    if not list_checkpoints(checkpoints_of(out)):
         return None
-    return Config.from_dict({k: v for k, v in saved.items() if k in SETTINGS}), saved["data"]
+    return Config.from_dict(load_newest(checkpoints_of(out))[1]["config"]), None
 
 
 def claim_run(out: Path, cfg: Config, data: str, resume: bool, overwrite: bool, init: str | Path | None):
@@ -181,7 +184,10 @@ def load_init(init: str | Path, cfg: Config, nets) -> Path:
     saved = Config.from_dict(state["config"])
     changed = [f"{k} {getattr(saved, k)} != {getattr(cfg, k)}" for k in differing(saved, cfg, NETWORK_DEFINING)]
     if changed:
-        raise ValueError(f"{path}: its networks differ from this run's ({', '.join(changed)}); cannot start from it")
+        raise ValueError(
+            f"{path}: its networks differ from this run's ({', '.join(changed)}); give the settings it was trained "
+            f"with, or start from a checkpoint of networks like these"
+        )
     for k, net in nets.items():
         net.load_state_dict(state["nets"][k])
     return path

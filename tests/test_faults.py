@@ -1111,6 +1111,9 @@ def test_a_run_stopped_by_ctrl_c_names_its_checkpoint_and_resumes_with_its_own_s
     # No --data, --profile or --iters: the run's own (on this CPU the default profile would be `cpu`, refused).
     assert main(["train", "--out", str(run), "--resume"]) == 0
     assert [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    (run / "config.json").unlink()  # the settings are the newest checkpoint's; the data must be given
+    _fails(capsys, ["train", "--out", str(run), "--resume", "--iters", "7"], "config.json is gone", "give --data")
+    assert main(["train", "--out", str(run), "--resume", "--iters", "7", "--data", "synth"]) == 0
     none = ["train", "--out", str(tmp_path / "none")]
     _fails(capsys, [*none, "--resume"], "no run to resume here", "leave out --resume")
     _fails(capsys, none, "--data is needed")
