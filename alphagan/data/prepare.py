@@ -103,14 +103,17 @@ def walk_files(root: Path) -> list[Path]:
     """Every file under `root`, sorted, following symlinked folders but entering each real folder once: a link
     back to a parent is never walked in a loop."""
     seen, files = set(), []
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders.clear()
-            continue
-        seen.add(real)
-        subfolders.sort()
-        files += [Path(folder) / n for n in names]
+    # A count of the folders walked, shown once a walk takes a second (a --src of a whole disk takes minutes).
+    with tqdm(desc=f"looking for images under {root}", unit=" folders", delay=1.0, leave=False) as bar:
+        for folder, subfolders, names in os.walk(root, followlinks=True):
+            bar.update()
+            real = os.path.realpath(folder)
+            if real in seen:
+                subfolders.clear()
+                continue
+            seen.add(real)
+            subfolders.sort()
+            files += [Path(folder) / n for n in names]
     return sorted(files)
 
 
@@ -174,7 +177,7 @@ def why_no_inputs(src: str, layout: str = "auto", modality: str | None = None) -
         if not files:
             return "no file matches this pattern"
     elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file())[:2000]
+        files = walk_files(root)[:2000]
     else:
         files = [root] if root.is_file() else []
     images = [p for p in files if _is_image(p)]
