@@ -9,7 +9,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -339,7 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-INTERRUPTED = 130  # the shell's exit status of a command stopped by Ctrl-C (128 + SIGINT)
+class Stop:
+    """While a command runs, a SIGTERM (Slurm's preemption, `timeout`, a closed session) stops it as Ctrl-C does,
+    with the same one line; `by` and `status` (the shell's, 128 + the signal) say which stopped it."""
+
+    def __init__(self) -> None:
+        self.by, self.status, self._before = "Ctrl-C", 128 + signal.SIGINT, None
+
+    def _terminated(self, signum: int, frame: object) -> None:
+        self.by, self.status = "SIGTERM", 128 + signal.SIGTERM
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> Stop:
+        if threading.current_thread() is threading.main_thread():  # only there may a handler be set
+            self._before = signal.signal(signal.SIGTERM, self._terminated)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._before is not None:
+            signal.signal(signal.SIGTERM, self._before)
+
+
 # What a command leaves when stopped, unless it says more (`train`, `course`): its outputs are written out of sight
 # and moved into place whole (`alphagan.folders`), and the next run cleans what a stopped one left.
 STOPPED = "what it had finished before is kept and nothing half-written is left; run the same command again"
@@ -359,14 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. An ordinary failure (a missing or damaged file, a bad setting, a full disk) is one line,
     `alphagan <command>: <what and where>: <how to fix>`, and exit status 1; `--debug` shows the traceback."""
     args = build_parser().parse_args(argv)
+    stop = Stop()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), stop:
             if not args.debug:
                 warnings.showwarning = _one_line(args.command)
             return args.func(args)
     except KeyboardInterrupt as exc:  # a command that knows more of what it leaves says it in the exception
-        print(f"alphagan {args.command}: stopped (Ctrl-C); {exc.args[0] if exc.args else STOPPED}", file=sys.stderr)
-        return INTERRUPTED
+        print(f"alphagan {args.command}: stopped ({stop.by}); {exc.args[0] if exc.args else STOPPED}", file=sys.stderr)
+        return stop.status
     except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         if args.debug:
             raise

@@ -23,6 +23,7 @@ def end_with_parent() -> None:
 
 def _start(initializer: Callable[[], None] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's way of stopping (`cli.Stop`): a worker ends
     end_with_parent()
     if initializer is not None:
         initializer()

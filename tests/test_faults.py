@@ -5,6 +5,7 @@ import fcntl
 import gzip
 import itertools
 import json
+import os
 import re
 import shutil
 import signal
@@ -1219,3 +1220,23 @@ def test_an_oblique_scan_is_resampled_onto_the_world_axes(tmp_path, monkeypatch)
     monkeypatch.setattr(prepare_module, "OBLIQUE_DEGREES", 90.0)
     as_stored = correlation()
     assert resampled > 0.92 and resampled > as_stored + 0.05, (resampled, as_stored)
+
+
+def test_a_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    """Slurm's preemption, `timeout` or a closed session send SIGTERM: the same one line, the shell's status 143."""
+    from alphagan import train
+
+    before = signal.getsignal(signal.SIGTERM)
+    real, calls = train.iteration, itertools.count()
+
+    def terminated_at_the_fourth(*args, **kwargs):
+        if next(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "iteration", terminated_at_the_fourth)
+    argv = ["train", "--data", "synth", "--out", str(tmp_path / "run"), *TRAIN[:-2], "--iters", "6"]
+    assert main([*argv, "--ckpt-every", "2"]) == 128 + signal.SIGTERM
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("alphagan train: stopped (SIGTERM); ") and "keeps iteration" in line, line
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler goes with it
