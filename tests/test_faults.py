@@ -794,6 +794,16 @@ def test_the_same_image_in_another_file_is_counted_once(tmp_path, cohort_dir):
     result = prepare(str(src), tmp_path / "cache", size=16, progress=False)
     assert result.written == 6 and len(result.rejected) == 2, result.rejected
     assert all("(identical voxels): one subject counted once" in reason for _, reason in result.rejected)
+    # Scaled, or stored as integers: the same image to within rounding, which the other subjects are not.
+    data = img.get_fdata(dtype=np.float32)
+    nib.Nifti1Image(data * 1.5, img.affine).to_filename(src / "zz_scaled.nii.gz")
+    nib.Nifti1Image(np.round(data / data.max() * 30000).astype(np.int16), img.affine).to_filename(src / "zz_int.nii.gz")
+    result = prepare(str(src), tmp_path / "cache2", size=16, progress=False)
+    assert result.written == 6 and len(result.rejected) == 4, result.rejected
+    near = {Path(source).name: reason for source, reason in result.rejected if "identical" not in reason}
+    assert sorted(near) == ["zz_int.nii.gz", "zz_scaled.nii.gz"], result.rejected
+    kept = src / first.name.replace(".nii.gz", ".nii")  # the earliest of the copies, as the walk sorts them
+    assert all(f"the same image as {kept} (its voxels within" in reason for reason in near.values()), near
 
 
 def test_generated_volumes_are_refused_unless_asked_for(tmp_path, cohort_dir, capsys):

@@ -15,6 +15,7 @@ replaced only when a run completes. `prepare` writes only into a folder that is 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import glob
 import hashlib
@@ -54,6 +55,7 @@ MAX_VOXELS = 512**3  # a header promising more is refused before its data are re
 MIN_BRAIN_EXTENT_MM = 50.0  # a brain is at least this long on every axis (adult brains: 140-180 mm)
 MAX_BRAIN_EXTENT_MM = 400.0  # a head scan's whole field of view, neck included, is shorter than this on every axis
 MAX_UPSAMPLING = 2.0  # a scan's voxels may be at most this many times the cube's on an axis (`check_resolution`)
+SAME_IMAGE = 0.01  # prepared volumes this close at every voxel (of [-1, 1]) are one image (`_same_images`)
 LABEL_VALUES = 16  # a volume of at most this many distinct values is a label map or a mask, not an intensity image
 # A scan tilted more than this from the world axes is resampled onto them (`load_ras`). Measured on a synthetic
 # subject at 3 mm, tilted and prepared at 32³ (correlation with the straight scan's cube): kept tilted 0.97 at 3°,
@@ -711,22 +713,42 @@ def _prepare_locked(
     return PrepareResult(out, len(good) - len(reused), len(reused), rejected)
 
 
+def _signature(volume: np.ndarray) -> np.ndarray:
+    """The means of a volume's 8 x 8 x 8 blocks: two volumes within `SAME_IMAGE` everywhere have signatures within
+    it too, so a pair whose signatures differ more is not compared voxel by voxel."""
+    size = volume.shape[0]
+    return volume.reshape(8, size // 8, 8, size // 8, 8, size // 8).mean(axis=(1, 3, 5), dtype=np.float64)
+
+
 def _same_images(volumes: np.ndarray, ok: list[bool], entries: list[Entry]) -> list[tuple[str, str]]:
-    """Each image once, whatever its file: a prepared volume identical to an earlier one (the same scan saved again,
-    as .nii and .nii.gz, or with another header text) is left out (`ok` cleared), with the reason."""
-    first: dict[str, str] = {}
+    """Each image once, whatever its file: a prepared volume within `SAME_IMAGE` at every voxel of an earlier one
+    (the same scan saved again: as .nii and .nii.gz, with another header text, scaled, or as integers) is left out
+    (`ok` cleared), with the reason. Two scans of one subject, even minutes apart, differ far more. Only volumes
+    whose means and block means are that close are compared voxel by voxel."""
+    means: list[float] = []  # of the volumes kept so far, sorted, with their indices and signatures
+    kept: list[int] = []
+    signatures: list[np.ndarray] = []
     rejected = []
     for index, entry in enumerate(entries):
         if not ok[index]:
             continue
-        digest = hashlib.blake2b(np.ascontiguousarray(volumes[index]).tobytes(), digest_size=16).hexdigest()
-        if digest in first:
-            ok[index] = False
-            rejected.append(
-                (entry.source, f"the same image as {first[digest]} (identical voxels): one subject counted once")
-            )
+        volume = np.asarray(volumes[index])
+        mean, signature = float(volume.mean(dtype=np.float64)), _signature(volume)
+        low, high = bisect.bisect_left(means, mean - SAME_IMAGE), bisect.bisect_right(means, mean + SAME_IMAGE)
+        near = [kept[low + i] for i, s in enumerate(signatures[low:high]) if np.abs(s - signature).max() < SAME_IMAGE]
+        for other in sorted(near):  # the earliest file is the one kept
+            gap = float(np.abs(volume - volumes[other]).max())
+            if gap < SAME_IMAGE:
+                how = "identical voxels" if gap == 0 else f"its voxels within {gap:.1g} of it"
+                ok[index] = False
+                reason = f"the same image as {entries[other].source} ({how}): one subject counted once"
+                rejected.append((entry.source, reason))
+                break
         else:
-            first[digest] = entry.source
+            at = bisect.bisect(means, mean)
+            means.insert(at, mean)
+            kept.insert(at, index)
+            signatures.insert(at, signature)
     return rejected
 
 
