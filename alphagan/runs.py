@@ -122,7 +122,7 @@ def _check_something_to_resume(out: Path, resume: bool, overwrite: bool) -> None
 
 
 def stopped_note(out: str | Path) -> str:
-    """What a run stopped by hand (Ctrl-C) keeps, and the command that continues it."""
+    """What a run stopped by Ctrl-C or a SIGTERM keeps, and the command that continues it."""
     found = list_checkpoints(checkpoints_of(out))
     if not found:
         return f"{out} stopped before its first checkpoint, so there is nothing to resume; start again with --overwrite"

@@ -1,7 +1,7 @@
 """The worker processes of the work that runs on all cores (`prepare`, the synthetic cohorts), made one way: a
 worker ignores Ctrl-C, which its parent alone handles, and ends when its parent does; a parent that stops (Ctrl-C,
-an error) cancels the work not yet started instead of waiting for all of it. Before, a Ctrl-C reached every worker
-of `prepare` at once, and the parent then waited forever on a worker that had died."""
+a SIGTERM, an error) cancels the work not yet started instead of waiting for all of it. A terminal's Ctrl-C reaches
+every process of a command at once: a worker that died of it would leave its parent waiting forever."""
 
 from __future__ import annotations
 
