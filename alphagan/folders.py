@@ -160,8 +160,10 @@ def _running(pid: int) -> bool:
 @contextlib.contextmanager
 def atomic(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` (same suffixes, so that nibabel or torch see the format) to write to; renamed
-    to `path` when the block ends, removed when it fails."""
+    to `path` when the block ends, removed when it fails. A `path` that is a symbolic link is followed: the file it
+    points to is written, and the link is kept."""
     path = Path(path)
+    path = path.resolve() if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes[-2:])}")
     try:

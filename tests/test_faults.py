@@ -725,6 +725,9 @@ def test_results_never_replaces_a_page_it_did_not_write(tmp_path, capsys):
     assert mine.read_text() == "# my own results\n"
     assert main(["results", str(run), "--out", str(tmp_path / "page.md")]) == 0
     assert main(["results", str(run), "--out", str(tmp_path / "page.md")]) == 0  # its own page: written again
+    (tmp_path / "link.md").symlink_to(tmp_path / "page.md")  # a link to it is followed, and kept
+    assert main(["results", str(run), "--out", str(tmp_path / "link.md")]) == 0
+    assert (tmp_path / "link.md").is_symlink() and (tmp_path / "page.md").read_text().startswith("<!-- written by")
     _fails(capsys, ["results", str(run), "--out", str(tmp_path)], "a folder; give the page's file name, e.g. --out")
     # Its figures' folder: the user's, beside no page of results, is kept; its own holds one run's figures only.
     (run / "summary.md").write_text("# Course run\n\n![a figure](03/a.png)\n")

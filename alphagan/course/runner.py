@@ -129,6 +129,7 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
     its figures copied beside it into `<out stem>_files/`, the command and run named at the top. Written from the
     run, so its numbers are the run's, never retyped."""
     run_dir, out = Path(run_dir), Path(out)
+    out = out.resolve() if out.is_symlink() else out  # a link is followed: the figures go beside the page itself
     summary = run_dir / "summary.md"
     if not summary.exists():
         raise FileNotFoundError(f"{summary}: no summary; give the folder of a finished `alphagan course` run")
