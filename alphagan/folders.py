@@ -44,6 +44,12 @@ class DiskFull(OSError):
     """No space left while writing; the message names the folder and, where known, the space needed."""
 
 
+def followed(path: Path) -> Path:
+    """Where a symbolic link the user named points (made there if missing), or `path` itself: a link is followed,
+    never replaced."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def _existing(folder: Path) -> Path:
     """`folder`, or where it is not made yet its nearest parent that is: the one whose disk it will be on."""
     return next(p for p in (folder, *folder.parents) if p.exists())
@@ -162,8 +168,7 @@ def atomic(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` (same suffixes, so that nibabel or torch see the format) to write to; renamed
     to `path` when the block ends, removed when it fails. A `path` that is a symbolic link is followed: the file it
     points to is written, and the link is kept."""
-    path = Path(path)
-    path = path.resolve() if path.is_symlink() else path
+    path = followed(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes[-2:])}")
     try:
@@ -324,6 +329,7 @@ def check_claim(
     refuse before long work (the course runner times models first): raises `FolderRefused` where `claim` would
     refuse; returns the folder's ownership record (None for a new or unclaimed folder). `record_of` reads it
     (`prepare`'s caches hold theirs in settings.json)."""
+    folder = followed(folder)
     if folder.exists() and not folder.is_dir():
         raise FolderRefused(f"{folder}: exists and is not a folder; choose another --out")
     if not folder.exists():
@@ -351,7 +357,7 @@ def claim(
     `resume` continues what the folder holds; `again=False` refuses even a second call with the same settings
     (`train`: a new run must not mix with the last). `keep`: the paths the call reads, by argument (`{"--init": ...}`),
     which `overwrite` must spare."""
-    folder = Path(folder)
+    folder = followed(Path(folder))
     record = check_claim(folder, command, settings, resume=resume, overwrite=overwrite, again=again)
     folder.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
     settings = json.loads(json.dumps(settings))  # as the manifest will hold them

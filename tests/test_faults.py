@@ -945,6 +945,10 @@ def test_a_symlinked_out_is_followed_and_kept(tmp_path, cohort_dir):
     assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == target.resolve()
     assert np.load(target / "volumes.npy", mmap_mode="r").shape[1:] == (32, 32, 32) and result.written == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == [".real.lock", "link", "real"]
+    # Every command's --out: a link to a folder not made yet is followed too (it said "File exists").
+    (tmp_path / "cohort").symlink_to(tmp_path / "elsewhere" / "cohort")
+    assert main(["synth", "--n", "2", "--size", "16", "--out", str(tmp_path / "cohort")]) == 0
+    assert (tmp_path / "cohort").is_symlink() and len(list((tmp_path / "elsewhere" / "cohort").glob("*.nii.gz"))) == 2
 
 
 def test_a_writers_temporary_file_and_a_name_that_is_not_utf8_do_not_stop_the_rest(tmp_path, cohort_dir):

@@ -20,7 +20,7 @@ from pathlib import Path
 from alphagan.course.plan import plan_course
 from alphagan.device import choose_profile, machine
 from alphagan.evaluate import plain
-from alphagan.folders import atomic, atomic_folder, check_claim, claim
+from alphagan.folders import atomic, atomic_folder, check_claim, claim, followed
 from alphagan.progress import SAVED_RUN
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -129,7 +129,7 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
     its figures copied beside it into `<out stem>_files/`, the command and run named at the top. Written from the
     run, so its numbers are the run's, never retyped."""
     run_dir, out = Path(run_dir), Path(out)
-    out = out.resolve() if out.is_symlink() else out  # a link is followed: the figures go beside the page itself
+    out = followed(out)  # the figures go beside the page a link points to
     summary = run_dir / "summary.md"
     if not summary.exists():
         raise FileNotFoundError(f"{summary}: no summary; give the folder of a finished `alphagan course` run")

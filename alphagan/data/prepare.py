@@ -41,6 +41,7 @@ from alphagan.folders import (
     FolderRefused,
     atomic_folder,
     check_claim,
+    followed,
     recover_folder,
     reserved_array,
     shown_names,
@@ -601,7 +602,7 @@ def prepare(
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None
     settings = Settings(size=size, stretch=stretch)
-    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
+    out = followed(Path(out))
     _check_out(src, out, settings, overwrite)
     entries = find_inputs(src, layout, modality)
     if not entries:
