@@ -119,6 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.out}: no run to resume here (no checkpoint); leave out --resume")
         raise ValueError("--data is needed: a prepared cache folder, or synth[:kind[:contrast]]")
     source = Source.parse(data)
+    if args.n_subjects is not None and not source.synthetic:  # it would be recorded, and do nothing
+        raise ValueError(
+            f"--n-subjects sizes a synthetic cohort; the cache {source.cache} trains on all its own subjects"
+        )
     if run is None and "size" not in overrides and not source.synthetic and (source.cache / "settings.json").exists():
         overrides["size"] = json.loads((source.cache / "settings.json").read_text()).get("size")
         print(f"alphagan train: {source.cache} holds {overrides['size']}³ volumes; training at that size",

@@ -153,6 +153,8 @@ def test_missing_or_empty_data_and_a_batch_larger_than_the_cohort(tmp_path, cach
     (tmp_path / "empty").mkdir()
     _fails(capsys, ["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *TRAIN], "volumes.npy")
     _fails(capsys, ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *TRAIN, "--batch", "7"], "batch of 7")
+    argv = ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *TRAIN, "--n-subjects", "50"]
+    _fails(capsys, argv, "--n-subjects sizes a synthetic cohort")  # a flag that would do nothing
 
 
 # ------------------------------------------------------------------------------------------------ runs
