@@ -129,11 +129,13 @@ def cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
     try:
         if run is not None:
-            cfg = run[0].replace(**overrides).validate()
+            cfg = run[0].replace(**overrides, **({"model": args.model} if args.model else {})).validate()
         else:
-            cfg = make_config(choose_profile(args.profile)[0], args.model, **overrides)
+            cfg = make_config(choose_profile(args.profile)[0], args.model or "alpha-wgan-gp", **overrides)
     except SettingError as exc:  # named as the user typed it
         raise ValueError(f"--{exc.name.replace('_', '-')} {exc.rule}") from None
+    if args.lambda_rec is not None and cfg.model == "wgan-gp":  # it would be recorded, and do nothing
+        raise ValueError("--lambda-rec weighs a reconstruction, and a wgan-gp has no encoder to reconstruct with")
     try:
         result = train(cfg, data, args.out, resume=args.resume, overwrite=args.overwrite, init=args.init)
     except TrainingDiverged as exc:
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default=None, help="a prepared cache folder, or synth[:kind[:contrast]]; with --resume: the run's"
     )
     p.add_argument("--out", required=True, help="the run folder: config.json, metrics.jsonl, checkpoints, samples")
-    p.add_argument("--model", choices=MODELS, default="alpha-wgan-gp", help="default: alpha-wgan-gp")
+    p.add_argument("--model", choices=MODELS, default=None, help="default: alpha-wgan-gp (with --resume: the run's)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu on a CUDA GPU, else cpu")
     for name, text in TRAIN_SETTINGS.items():  # each typed like its Config field, and checked as it is (cmd_train)
         kind = type(getattr(Config(), name))

@@ -155,6 +155,8 @@ def test_missing_or_empty_data_and_a_batch_larger_than_the_cohort(tmp_path, cach
     _fails(capsys, ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *TRAIN, "--batch", "7"], "batch of 7")
     argv = ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *TRAIN, "--n-subjects", "50"]
     _fails(capsys, argv, "--n-subjects sizes a synthetic cohort")  # a flag that would do nothing
+    argv = ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN, "--model", "wgan-gp", "--lambda-rec", "5"]
+    _fails(capsys, argv, "--lambda-rec weighs a reconstruction")
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -1137,6 +1139,7 @@ def test_a_run_stopped_by_ctrl_c_names_its_checkpoint_and_resumes_with_its_own_s
     none = ["train", "--out", str(tmp_path / "none")]
     _fails(capsys, [*none, "--resume"], "no run to resume here", "leave out --resume")
     _fails(capsys, none, "--data is needed")
+    _fails(capsys, ["train", "--out", str(run), "--resume", "--model", "vae-gan"], "saved with different model")
     assert not (tmp_path / "none").exists()
 
 
