@@ -117,7 +117,7 @@ def pair_distances(a: Tensor, b: Tensor | None = None) -> np.ndarray:
             values = d.flatten().numpy()
             out[filled : filled + len(values)] = values
             filled += len(values)
-    return out[:filled] if within else out
+    return out
 
 
 def median_bandwidth(x: Tensor, y: Tensor) -> float:
@@ -280,9 +280,10 @@ def pca_projection(real, generated: dict[str, np.ndarray], components: int = 2, 
     from sklearn.decomposition import PCA
 
     # In float32, as the volumes are: a float64 fit would hold three float64 copies of the real set at once.
-    pca = PCA(n_components=components, random_state=seed).fit(_flat(real).numpy())
+    flat = _flat(real).numpy()  # once: a read-only cache is copied to be flattened
+    pca = PCA(n_components=components, random_state=seed).fit(flat)
     projected = {name: pca.transform(_flat(v).numpy()) for name, v in generated.items()}
-    return pca.transform(_flat(real).numpy()), projected, pca.explained_variance_ratio_
+    return pca.transform(flat), projected, pca.explained_variance_ratio_
 
 
 def wasserstein_1d(a: Sequence[float], b: Sequence[float]) -> float:

@@ -110,10 +110,12 @@ def write_samples(
     use_headless_backend()
     path, state = open_checkpoint(checkpoint)
     path = path.resolve()
+    # Before the generator is calibrated (seconds on a CPU): float32 voxels, about what gzip leaves of a generated
+    # volume's (noisy) mantissas, and the picture.
+    size = Config.from_dict(state["config"]).size
+    needed = n * (size**3 * 4 + NIFTI_HEADER) + SAMPLES_PNG
+    check_space(Path(out), needed, f"{n} samples of {size}³", "give a smaller --n or another --out")
     G, cfg, state = generator_of(state, str(pick_device(device)), seed=seed, progress=True)
-    # float32 voxels, about what gzip leaves of a generated volume's (noisy) mantissas, and the picture
-    needed = n * (cfg.size**3 * 4 + NIFTI_HEADER) + SAMPLES_PNG
-    check_space(Path(out), needed, f"{n} samples of {cfg.size}³", "give a smaller --n or another --out")
     names = sample_names(n)
     settings = {"checkpoint": str(path), "iteration": state["iter"], "n": n, "seed": seed}
     shown: list[torch.Tensor] = []

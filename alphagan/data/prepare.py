@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import nibabel as nib
+import nibabel.affines
 import nibabel.processing
 import numpy as np
 
@@ -322,7 +323,7 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
         data = np.asarray(img.get_fdata(dtype=np.float32))
     # The voxel sizes of the affine that the NIfTI rules choose (sform, else qform, else pixdim; nibabel's
     # `affine`), which also decided the orientation: pixdim alone may disagree with it.
-    spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0)) * _unit_mm(img)
+    spacing = nib.affines.voxel_sizes(img.affine) * _unit_mm(img)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"invalid voxel sizes {spacing.tolist()}")
     return data, spacing
@@ -330,14 +331,14 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
 
 def obliquity(affine: np.ndarray) -> float:
     """Degrees between the voxel axes of `affine` and the nearest world axes: 0 for a scan aligned with them."""
-    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    directions = affine[:3, :3] / nib.affines.voxel_sizes(affine)
     return float(np.degrees(np.arccos(np.clip(np.abs(directions).max(axis=0), 0.0, 1.0))).max())
 
 
 def _straightened(img: nib.Nifti1Image) -> nib.Nifti1Image:
     """An oblique scan resampled (linearly, zero outside) onto a grid aligned with the world axes and of its own voxel
     sizes: trimming and resizing work on array axes, which would otherwise keep its tilt in the training volume."""
-    sizes = np.linalg.norm(img.affine[:3, :3], axis=0)
+    sizes = nib.affines.voxel_sizes(img.affine)
     return nib.processing.resample_to_output(img, voxel_sizes=sizes, order=1, mode="constant", cval=0.0)
 
 
@@ -734,7 +735,8 @@ def _same_images(volumes: np.ndarray, ok: list[bool], entries: list[Entry]) -> l
         if not ok[index]:
             continue
         volume = np.asarray(volumes[index])
-        mean, signature = float(volume.mean(dtype=np.float64)), _signature(volume)
+        signature = _signature(volume)
+        mean = float(signature.mean())  # the volume's: its blocks are of one size
         low, high = bisect.bisect_left(means, mean - SAME_IMAGE), bisect.bisect_right(means, mean + SAME_IMAGE)
         near = [kept[low + i] for i, s in enumerate(signatures[low:high]) if np.abs(s - signature).max() < SAME_IMAGE]
         for other in sorted(near):  # the earliest file is the one kept
