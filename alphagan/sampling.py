@@ -38,7 +38,7 @@ def recalibrate_batchnorm(
 ) -> nn.Module:
     """Replace every BatchNorm's running mean and variance by their average over N(0, I) code batches
     (`torch.optim.swa_utils.update_bn`: statistics reset, then a cumulative average over the batches). `progress`:
-    a bar (the paper's generator takes about 17 s on a 2-core CPU)."""
+    a bar (the paper's generator takes 18-22 s on a 2-core CPU)."""
     device = next(generator.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     codes = [torch.randn(batch, latent, generator=gen) for _ in range(batches)]
