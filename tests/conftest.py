@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 import matplotlib
@@ -8,7 +9,12 @@ matplotlib.use("Agg")
 # Two cores: keep torch from oversubscribing when tests run beside notebook kernels.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Synthetic cohorts are cached once per test session (and shared with the notebooks' kernels), never in ~/.cache.
-os.environ["ALPHAGAN_CACHE"] = tempfile.mkdtemp(prefix="alphagan-cache-")
+os.environ["ALPHAGAN_CACHE"] = SESSION_CACHE = tempfile.mkdtemp(prefix="alphagan-cache-")
+
+
+def pytest_unconfigure(config):
+    """Remove the session's cache: each test run used to leave 8 MB in the temporary folder."""
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
