@@ -95,8 +95,6 @@ class Config:
         low, high = self.intensity
         if not 0 < low <= high:
             raise ValueError(f"intensity must be a range 0 < low <= high, got {self.intensity}")
-        if self.n_subjects < self.batch:  # refused before a cohort is made for it
-            raise SettingError("n_subjects", f"must be at least one batch ({self.batch}), got {self.n_subjects}")
         return self
 
 

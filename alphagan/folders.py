@@ -218,6 +218,7 @@ class Owned:
     settings: dict[str, Any]
     writes: list[str] = field(default_factory=list)
     lock: filelock.BaseFileLock | None = None
+    made: bool | None = None  # the folder was absent (True) or empty (False) before the claim; None: it held files
 
     def add(self, names: list[str]) -> None:
         """List `names` (entries of the folder) as this command's, before writing them."""
@@ -240,7 +241,15 @@ class Owned:
     def __enter__(self) -> Owned:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        """Release the lock; a command that failed before writing anything leaves the folder as it found it."""
+        if kind is not None and self.made is not None and {p.name for p in self.folder.iterdir()} <= {MANIFEST, LOCK}:
+            (self.folder / MANIFEST).unlink(missing_ok=True)
+            self.release()
+            (self.folder / LOCK).unlink(missing_ok=True)
+            if self.made:
+                with contextlib.suppress(OSError):  # something came in once the lock was released: it stays
+                    self.folder.rmdir()
         self.release()
 
 
@@ -359,6 +368,7 @@ def claim(
     which `overwrite` must spare."""
     folder = followed(Path(folder))
     record = check_claim(folder, command, settings, resume=resume, overwrite=overwrite, again=again)
+    fresh = None if folder.exists() and any(folder.iterdir()) else not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
     settings = json.loads(json.dumps(settings))  # as the manifest will hold them
     lock = take_lock(folder / LOCK, f"{folder}: another command is writing here; wait for it to finish")
@@ -367,7 +377,7 @@ def claim(
         if overwrite and record is not None and not resume:
             _delete_listed(folder, record, {k: Path(p).resolve() for k, p in (keep or {}).items() if p is not None})
         earlier = [n for n in (record or {}).get("writes", []) if (folder / n).exists()]
-        owned = Owned(folder, command, settings, earlier + [n for n in writes if n not in earlier], lock)
+        owned = Owned(folder, command, settings, earlier + [n for n in writes if n not in earlier], lock, fresh)
         owned.save()
     except BaseException:
         lock.release()

@@ -125,7 +125,8 @@ def stopped_note(out: str | Path) -> str:
     """What a run stopped by Ctrl-C or a SIGTERM keeps, and the command that continues it."""
     found = list_checkpoints(checkpoints_of(out))
     if not found:
-        return f"{out} stopped before its first checkpoint, so there is nothing to resume; start again with --overwrite"
+        again = "with --overwrite" if Path(out).exists() else "the same command"  # a claim nothing was written to goes
+        return f"{out} stopped before its first checkpoint, so there is nothing to resume; start again: {again}"
     iteration = iteration_of(found[-1])
     return (
         f"{out} keeps iteration {iteration} ({found[-1]}); continue it with `python -m alphagan train --out {out} "
@@ -153,7 +154,7 @@ def claim_run(out: Path, cfg: Config, data: str, resume: bool, overwrite: bool, 
     if resume:
         _check_resume_data(out, data)
     _check_something_to_resume(out, resume, overwrite)
-    keep = {"--init": init, "--data": Source.parse(data).cache}
+    keep = {"--init": _resolved(init), "--data": Source.parse(data).cache}  # the file it reads, not its folder
     settings = {"model": cfg.model, "data": data}
     return claim(out, "train", settings, RUN_FILES, resume=resume, overwrite=overwrite, again=False, keep=keep)
 

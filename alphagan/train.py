@@ -119,6 +119,18 @@ def _all_finite(nets: dict[str, nn.Module]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+def _check_data(cfg: Config, source: Source) -> Source:
+    """`source`, if it holds at least one batch at the run's size: refused before the run folder is claimed."""
+    if source.synthetic:
+        count, fix = cfg.n_subjects, f"give --n-subjects {cfg.batch} or more, or a smaller --batch"
+    else:
+        count, fix = len(load_training_volumes(source, cfg.size, cfg.n_subjects)[0]), "prepare more subjects"
+    if count < cfg.batch:
+        fix = f"give --batch {count} or less, or {fix}" if count >= 2 else fix  # BatchNorm needs two
+        raise ValueError(f"{source}: {count} volumes, fewer than one batch (--batch {cfg.batch}); {fix}")
+    return source
+
+
 def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | None, progress: bool) -> Run:
     """Device and processes, the batches, the networks and their optimisers, and the state to start from."""
     device, rank, world = processes(cfg.device)
@@ -129,8 +141,6 @@ def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | N
     volumes, fov_mm = load_training_volumes(
         data, cfg.size, cfg.n_subjects, seed=cfg.seed, progress=progress and rank == 0
     )
-    if len(volumes) < cfg.batch:
-        raise ValueError(f"{data}: {len(volumes)} volumes, fewer than one batch of {cfg.batch}")
     rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     batches = Batches(volumes, device, rng, cfg.flip, cfg.intensity, memory_format)
 
@@ -284,7 +294,7 @@ def train(
     cfg, out = cfg.validate(), Path(out)
     device = pick_device(cfg.device)  # a device this machine lacks is refused before the run folder is made
     _check_networks_fit(cfg, device)
-    data = str(Source.parse(data))  # a cache as its absolute path: the run can be evaluated from anywhere
+    data = str(_check_data(cfg, Source.parse(data)))  # a cache as its absolute path: evaluated from anywhere
     use_headless_backend()
     with (
         runs.claim_run(out, cfg, data, resume, overwrite, init),

@@ -23,6 +23,7 @@ from alphagan.cli import main
 from alphagan.course import runner
 from alphagan.data.cache import cache_root, read_manifest
 from alphagan.data.prepare import prepare
+from alphagan.folders import claim
 
 TRAIN = ["--profile", "smoke", "--iters", "2", "--device", "cpu", "--ckpt-every", "1"]
 
@@ -237,8 +238,18 @@ def test_sample_and_evaluate_name_their_bad_input(tmp_path, capsys):
 
 def test_a_cohort_smaller_than_one_batch_is_refused_before_it_is_made(tmp_path, capsys):
     argv = ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN, "--n-subjects", "1"]
-    _fails(capsys, argv, "--n-subjects must be at least one batch (2), got 1")
+    _fails(capsys, argv, "1 volumes, fewer than one batch (--batch 2); give --n-subjects 2 or more")
     assert not list(cache_root().glob("synth-*-n1-*"))
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_a_cache_smaller_than_one_batch_names_the_batch_not_a_cohort_size(tmp_path, capsys, cohort_dir):
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--src", str(cohort_dir), "--out", str(cache), "--size", "16", "--workers", "1"]) == 0
+    argv = ["train", "--data", str(cache), "--out", str(tmp_path / "r"), *TRAIN, "--batch", "8"]
+    _fails(capsys, argv, f"{cache}: 6 volumes, fewer than one batch (--batch 8); give --batch 6 or less")
+    _fails(capsys, [*argv[:-2], "--size", "32"], "holds 16^3 volumes but the run asks for 32^3")
+    assert not (tmp_path / "r").exists()
 
 
 def test_evaluate_refuses_one_model_given_twice(tmp_path, capsys):
@@ -264,11 +275,12 @@ def test_course_checks_its_selection_before_creating_anything(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
-def test_overwrite_never_deletes_the_checkpoint_init_starts_from(tmp_path, capsys):
+@pytest.mark.parametrize("init", ["checkpoints", ".", "checkpoints/ckpt_00000002.pt"])
+def test_overwrite_never_deletes_the_checkpoint_init_starts_from(tmp_path, capsys, init):
     run = tmp_path / "run"
     assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
     before = _snapshot(run)
-    argv = ["train", "--data", "synth", "--out", str(run), *TRAIN, "--overwrite", "--init", str(run / "checkpoints")]
+    argv = ["train", "--data", "synth", "--out", str(run), *TRAIN, "--overwrite", "--init", str(run / init)]
     _fails(capsys, argv, "--overwrite would delete", "where --init points")
     assert _snapshot(run) == before  # byte for byte
 
@@ -433,8 +445,6 @@ def test_course_refuses_a_folder_holding_the_users_summary(tmp_path, capsys, mon
 
 
 def test_a_second_writer_on_a_folder_is_refused_while_the_first_holds_it(tmp_path, capsys):
-    from alphagan.folders import claim
-
     run = tmp_path / "run"
     assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
     log = (run / "metrics.jsonl").read_bytes()
@@ -443,6 +453,22 @@ def test_a_second_writer_on_a_folder_is_refused_while_the_first_holds_it(tmp_pat
         _fails(capsys, argv, "another command is writing here")
     assert (run / "metrics.jsonl").read_bytes() == log
     assert main(["train", "--data", "synth", "--out", str(run), *TRAIN[:2], "--iters", "3", "--resume"]) == 0
+
+
+def test_a_command_that_fails_before_writing_leaves_the_folder_as_it_found_it(tmp_path):
+    new, empty, kept = tmp_path / "a" / "new", tmp_path / "empty", tmp_path / "kept"
+    empty.mkdir()
+    for folder in (new, empty, kept):
+        with pytest.raises(KeyboardInterrupt), claim(folder, "sample", {}, ["x.nii.gz"]) as owned:
+            if folder == kept:
+                (folder / "x.nii.gz").write_text("written")
+            raise KeyboardInterrupt
+        assert owned.lock is None
+    assert not new.exists() and (tmp_path / "a").exists()  # the folder goes; the parents made for it stay
+    assert empty.is_dir() and not list(empty.iterdir())
+    assert sorted(p.name for p in kept.iterdir()) == [".alphagan.json", ".alphagan.lock", "x.nii.gz"]
+    with claim(new, "sample", {}, ["x.nii.gz"]):  # and the same command claims it again
+        pass
 
 
 def test_resume_refuses_a_cache_prepared_again_from_other_subjects(tmp_path, cohort_dir, capsys):

@@ -106,17 +106,20 @@ def _bad_inputs(folder):
     """One file for each kind of bad input, and the words its rejection must contain."""
     data, affine = brain_like()
     save(data, folder / "good_a.nii.gz", affine)
-    save(data[::-1].copy(), folder / "good_b.nii", affine)
+    save(data[::-1].copy()[..., None, None], folder / "good_b.nii", affine)  # a converter's trailing 1s
     expected = {}
     blob = (folder / "good_a.nii.gz").read_bytes()
     (folder / "truncated.nii.gz").write_bytes(blob[: len(blob) // 2])
-    expected["truncated.nii.gz"] = "truncated"
+    expected["truncated.nii.gz"] = "ends early or is damaged"
     (folder / "notes.nii.gz").write_bytes(gzip.compress(b"these are my notes, not an image"))
     expected["notes.nii.gz"] = "not a readable"
     (folder / "text.nii").write_text("hello")
     expected["text.nii"] = "not a readable"
     save(np.stack([data, data], -1), folder / "fmri.nii.gz", affine)
     expected["fmri.nii.gz"] = "4-D image with 2 volumes"
+    rgb = np.zeros(data.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, affine), folder / "rgb.nii.gz")
+    expected["rgb.nii.gz"] = "colour (RGB) voxels"
     save(data[:, :, 35], folder / "slice.nii.gz", affine)
     expected["slice.nii.gz"] = "not a 3-D volume"
     nan = data.copy()

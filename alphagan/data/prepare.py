@@ -296,13 +296,15 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
     except Exception:  # nibabel raises many types for unreadable files
         raise InputError(_unreadable(Path(path))) from None
     shape = img.shape
-    if len(shape) == 4 and channel >= 0:
+    while len(img.shape) > 4 and img.shape[-1] == 1:  # a converter's (x, y, z, 1, 1): one volume
+        img = img.slicer[..., 0]
+    if len(img.shape) == 4 and channel >= 0:
         if channel >= shape[3]:
             raise InputError(f"has {shape[3]} volumes, channel {channel} asked for")
         img = img.slicer[..., channel]
-    elif len(shape) == 4 and shape[3] == 1:
+    elif len(img.shape) == 4 and shape[3] == 1:
         img = img.slicer[..., 0]
-    elif len(shape) == 4:
+    elif len(img.shape) == 4:
         raise InputError(f"4-D image with {shape[3]} volumes (shape {shape}); one 3-D volume expected")
     if len(img.shape) != 3 or min(img.shape) < 2:
         raise InputError(f"not a 3-D volume (shape {shape})")
@@ -311,13 +313,13 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
     _check_affine(img, repaired)
     if img.get_data_dtype().kind == "c":
         raise InputError("complex-valued voxels (phase and magnitude); give the magnitude image")
+    if img.get_data_dtype().kind == "V":
+        raise InputError("colour (RGB) voxels, a picture rather than a scan; give the grey-scale image")
     try:
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
-    except Exception as exc:  # truncated gzip, short data block
-        raise InputError(
-            f"image data cannot be read, the file may be truncated ({type(exc).__name__}: {exc})"
-        ) from None
+    except Exception:  # truncated gzip, short data block
+        raise InputError("its image data ends early or is damaged (a truncated copy?); copy the file again") from None
     if obliquity(img.affine) > OBLIQUE_DEGREES:
         img = _straightened(nib.Nifti1Image(data, img.affine, img.header if isinstance(img, nib.Nifti1Image) else None))
         data = np.asarray(img.get_fdata(dtype=np.float32))
