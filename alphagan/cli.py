@@ -14,6 +14,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -56,7 +57,7 @@ def _size(text: str) -> int:
     """`64` or `1mm` (the template's native grid, 0 internally): a cube edge from 8 to 256."""
     if text.lower() in ("1mm", "native", "0"):
         return 0
-    size = int(text)
+    size = _number(text)
     if not 8 <= size <= 256:
         # A subject is made at this size in float32 several times over: 256³ is already ~0.3 GB per array.
         raise argparse.ArgumentTypeError(f"must be from 8 to 256 (or 1mm), got {size}")
@@ -192,11 +193,20 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(text: str, kind: type = int) -> Any:
+    """`text` as an int (or `kind`); where it is not one, an argparse error in words rather than a function's name."""
+    try:
+        return kind(text)
+    except ValueError:
+        what = {int: "a whole number", float: "a number"}.get(kind, f"a {kind.__name__}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def _at_least(low: int):
     """An argparse type: a whole number of at least `low`, refused when the arguments are parsed."""
 
     def parse(text: str) -> int:
-        value = int(text)
+        value = _number(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
@@ -206,7 +216,7 @@ def _at_least(low: int):
 
 def _workers(text: str) -> int:
     """An argparse type: processes, from 1 to this machine's cores (each holds its own libraries and volumes)."""
-    value, cores = int(text), os.cpu_count() or 1
+    value, cores = _number(text), os.cpu_count() or 1
     if not 1 <= value <= cores:
         raise argparse.ArgumentTypeError(f"must be from 1 to {cores} (this machine's cores), got {value}")
     return value
@@ -217,7 +227,7 @@ _at_least_two = _at_least(2)  # a diversity score needs a pair
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return value
@@ -229,7 +239,7 @@ def _setting(name: str):
 
     def parse(text: str):
         try:
-            return check(name, kind(text))
+            return check(name, _number(text, kind))
         except SettingError as exc:
             raise argparse.ArgumentTypeError(exc.rule) from None
 
@@ -254,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="preprocess NIfTI/MGH volumes into a training cache")
     p.add_argument("--src", required=True, help="a folder or a glob pattern")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=64, help=f"edge of the training cube: {', '.join(map(str, SIZES))}")
+    p.add_argument(
+        "--size", type=_setting("size"), default=64, help=f"edge of the training cube: {', '.join(map(str, SIZES))}"
+    )
     p.add_argument("--layout", default="auto", choices=LAYOUTS)
     p.add_argument("--modality", default=None, help="e.g. t1, t2, flair (layout-dependent)")
     p.add_argument("--stretch", action="store_true", help="resize each axis to the cube (the authors' way)")
@@ -272,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the run folder: config.json, metrics.jsonl, checkpoints, samples")
     p.add_argument("--model", choices=MODELS, default=None, help="default: alpha-wgan-gp (with --resume: the run's)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu on a CUDA GPU, else cpu")
-    for name, text in TRAIN_SETTINGS.items():  # each typed like its Config field, and checked as it is (cmd_train)
-        kind = type(getattr(Config(), name))
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text}; default: the profile's")
+    for name, text in TRAIN_SETTINGS.items():  # each typed like its Config field and checked by its rule
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=_setting(name), default=None, help=f"{text}; default: the profile's"
+        )
     p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--channels-last", action="store_true")

@@ -144,7 +144,7 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
         )
     if files.exists() and not out.exists():
         raise FileExistsError(
-            f"{files}: a folder that `alphagan results` did not write (its page {out.name} is not beside it); it is "
+            f"{files}: there already, though {out.name} is not: another page's figures or files of your own; it is "
             f"kept: give another --out, or move it away"
         )
     with atomic_folder(files) as staging:  # the figures of this run only: those of an earlier one go with it

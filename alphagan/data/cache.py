@@ -133,10 +133,15 @@ def cache_root() -> Path:
     """Where synthetic cohorts are cached: $ALPHAGAN_CACHE, else ~/.cache/alphagan."""
     given = os.environ.get("ALPHAGAN_CACHE")
     root = Path(given or Path.home() / ".cache" / "alphagan")
+    where, fix = f"ALPHAGAN_CACHE={given}" if given else str(root), "point ALPHAGAN_CACHE to a folder you can write"
     if root.exists() and not root.is_dir():
-        where = f"ALPHAGAN_CACHE={given}" if given else str(root)
-        raise NotADirectoryError(f"{where} is a file, where synthetic cohorts are cached in a folder; point "
-                                 f"ALPHAGAN_CACHE to a folder, or unset it")  # fmt: skip
+        raise NotADirectoryError(f"{where} is a file, not a folder for synthetic cohorts; {fix}, or unset it")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"{where}: the folder for synthetic cohorts cannot be made ({exc.strerror}); {fix}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PermissionError(f"{where}: the folder for synthetic cohorts is read-only here; {fix}")
     return root
 
 
