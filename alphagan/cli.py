@@ -396,10 +396,30 @@ def _one_line(command: str):
     return show
 
 
+def _unrecognized(argv: list[str], extra: list[str]) -> str:
+    """argparse's words for arguments that no option takes; for paths after an option, what most often put them
+    there: a pattern the shell expanded, or several values for an option given once per value."""
+    from alphagan.folders import shown_names
+
+    text = f"unrecognized arguments: {shown_names(extra)}"
+    start = argv.index(extra[0])
+    option = next((a for a in reversed(argv[:start]) if a.startswith("-")), None)
+    if option is not None and any(Path(e).exists() for e in extra if not e.startswith("-")):
+        if option == "--checkpoint":  # evaluate's repeats
+            text += "; give --checkpoint once for each model (--checkpoint A --checkpoint B)"
+        else:
+            text += f"; {option} takes one path: quote a pattern so the shell passes it whole ({option} 'x/*.nii')"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An ordinary failure (a missing or damaged file, a bad setting, a full disk) is one line,
     `alphagan <command>: <what and where>: <how to fix>`, and exit status 1; `--debug` shows the traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(_unrecognized(argv, extra))
     stop = Stop()
     try:
         with warnings.catch_warnings(), stop:

@@ -751,6 +751,14 @@ def test_numbers_are_checked_where_they_are_parsed(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "x").exists()
 
 
+def test_a_pattern_the_shell_expanded_is_named(tmp_path, cohort_dir, capsys):
+    files = sorted(map(str, cohort_dir.glob("*.nii.gz")))  # what `--src scans/*.nii.gz`, unquoted, passes
+    _refused_when_parsed(capsys, ["prepare", "--src", *files, "--out", str(tmp_path / "c")], "and 1 more; --src takes")
+    assert not (tmp_path / "c").exists()
+    argv = ["evaluate", "--real", "synth", "--checkpoint", *files[:2], "--out", str(tmp_path / "e")]
+    _refused_when_parsed(capsys, argv, "give --checkpoint once for each model")
+
+
 def test_an_empty_selection_of_notebooks_is_refused_at_once(tmp_path, capsys):
     _fails(capsys, ["course", "--profile", "smoke", "--only", "", "--out", str(tmp_path / "c")], "--only", "01,03")
     assert not (tmp_path / "c").exists()
