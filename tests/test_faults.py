@@ -949,7 +949,7 @@ def test_spatial_units_are_read_as_the_header_states_them(tmp_path, cohort_dir):
         (lambda d, a: _nifti_any((d > d.mean()).astype(np.uint8), a / 1), "only 2 distinct values (0, 1): a label map"),
         (lambda d, a: _nifti_any(np.round(d / d.max() * 4).astype(np.int16), a / 1), "distinct values (0, 1, 2, 3, 4)"),
         (lambda d, a: _nifti_any(d.astype(np.complex64), a / 1), "complex-valued voxels"),
-        (lambda d, a: _zero_pixdim(d), "no sform or qform, and voxel sizes of 0 in its pixdim"),
+        (lambda d, a: _zero_pixdim(d), "no sform or qform, and a voxel size of 0 in its pixdim; fix the header (pixdim[1:4]"),
     ],
     ids=["metres-as-mm", "mask", "labels", "complex", "zero-pixdim"],
 )

@@ -363,9 +363,11 @@ def _check_affine(img, repaired: list[str]) -> None:
         raise InputError("its affine (sform/qform) is singular: the voxels have no size or orientation")
     header = img.header
     if isinstance(header, nib.Nifti1Header) and header["sform_code"] == 0 and header["qform_code"] == 0:
-        zero = [text for text in repaired if "pixdim" in text and "non-zero" in text]
-        if zero:  # nibabel took 1 mm for them
-            raise InputError(f"no sform or qform, and voxel sizes of 0 in its pixdim ({zero[0]}); fix the header")
+        if any("pixdim" in text and "non-zero" in text for text in repaired):  # nibabel took 1 mm for them
+            raise InputError(
+                "no sform or qform, and a voxel size of 0 in its pixdim; fix the header (pixdim[1:4]: the voxel "
+                "sizes in mm)"
+            )
 
 
 def _descrip(path: Path) -> str:
