@@ -170,3 +170,9 @@ def _check_contents(path: Path, state: dict) -> None:
                 f"{path}: network {name}'s weights do not match its config ({cfg.model}, size {cfg.size}, width "
                 f"{cfg.width}, latent {cfg.latent}; first difference: {wrong[0]}); the file is damaged"
             )
+        broken = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if broken is not None:  # it would generate NaN volumes, or train from them
+            raise ValueError(
+                f"{path}: network {name} holds NaN or infinite weights ({broken}): saved from a run that had "
+                f"diverged, or damaged; give an earlier checkpoint"
+            )

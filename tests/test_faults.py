@@ -949,7 +949,10 @@ def test_spatial_units_are_read_as_the_header_states_them(tmp_path, cohort_dir):
         (lambda d, a: _nifti_any((d > d.mean()).astype(np.uint8), a / 1), "only 2 distinct values (0, 1): a label map"),
         (lambda d, a: _nifti_any(np.round(d / d.max() * 4).astype(np.int16), a / 1), "distinct values (0, 1, 2, 3, 4)"),
         (lambda d, a: _nifti_any(d.astype(np.complex64), a / 1), "complex-valued voxels"),
-        (lambda d, a: _zero_pixdim(d), "no sform or qform, and a voxel size of 0 in its pixdim; fix the header (pixdim[1:4]"),
+        (
+            lambda d, a: _zero_pixdim(d),
+            "no sform or qform, and a voxel size of 0 in its pixdim; fix the header (pixdim[1:4]",
+        ),
     ],
     ids=["metres-as-mm", "mask", "labels", "complex", "zero-pixdim"],
 )
@@ -1063,6 +1066,7 @@ def test_a_run_stopped_before_its_first_checkpoint_advises_what_works(tmp_path, 
         (lambda s: s["config"].update(latent=8_000_000), "do not match its config"),
         (lambda s: s["config"].update(size=48), "its config is not one alphagan trains"),
         (lambda s: s.update(iter="ten"), "its iteration is 'ten'"),
+        (lambda s: next(iter(s["nets"]["G"].values())).fill_(float("nan")), "network G holds NaN or infinite weights"),
     ],
 )
 def test_a_checkpoint_whose_contents_are_wrong_is_refused_in_one_line(tmp_path, capsys, damage, phrase):
