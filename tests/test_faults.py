@@ -271,6 +271,17 @@ def test_course_checks_its_selection_before_creating_anything(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_course_refuses_at_once_notebooks_that_need_a_model_it_lacks(tmp_path, capsys):
+    out = tmp_path / "c"
+    argv = ["course", "--profile", "smoke", "--only", "6,5", "--out", str(out)]
+    _fails(capsys, argv, "notebooks 05 and 06 start from notebook 03's model", "add 03 (--only 03,05,06)")
+    assert not out.exists()
+    (out / "03_training" / "run" / "checkpoints").mkdir(parents=True)
+    (out / "03_training" / "run" / "checkpoints" / "ckpt_00000004.pt").write_bytes(b"")  # an earlier call's 03
+    runner.check_needs(runner.notebooks("05,06"), out, "smoke")
+    runner.check_needs(runner.notebooks("03,05"), tmp_path / "new", "smoke")
+
+
 @pytest.mark.parametrize("init", ["checkpoints", ".", "checkpoints/ckpt_00000002.pt"])
 def test_overwrite_never_deletes_the_checkpoint_init_starts_from(tmp_path, capsys, init):
     run = tmp_path / "run"

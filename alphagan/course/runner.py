@@ -17,11 +17,14 @@ import time
 from functools import partial
 from pathlib import Path
 
+from alphagan.checkpoint import list_checkpoints
 from alphagan.course.plan import plan_course
+from alphagan.course.settings import course_settings, notebook_03_run
 from alphagan.device import choose_profile, machine
 from alphagan.evaluate import plain
 from alphagan.folders import atomic, atomic_folder, check_claim, claim, followed
 from alphagan.progress import SAVED_RUN
+from alphagan.runs import checkpoints_of
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
@@ -42,6 +45,30 @@ def notebooks(only: str | None = None, directory: Path = NOTEBOOK_DIR) -> list[P
         if not found:
             raise ValueError(f"--only {only!r} names no notebook; give numbers such as 01,03")
     return found
+
+
+WARM_STARTED = ("05", "06")  # the notebooks that start from notebook 03's model (`Course.warm_start`)
+
+
+def check_needs(selected: list[Path], run_dir: Path, profile: str) -> None:
+    """Refuse, before anything runs, a selection whose warm-started notebooks would find no model of notebook 03:
+    not selected, and not in `run_dir` from an earlier call."""
+    numbers = [nb.name[:2] for nb in selected]
+    needing = [nb for nb in selected if nb.name[:2] in WARM_STARTED]
+    if not needing or "03" in numbers or not course_settings(profile).warm_start:
+        return
+    if not list_checkpoints(checkpoints_of(notebook_03_run(run_dir / needing[0].stem))):
+        needing = [nb.name[:2] for nb in needing]
+        wanted = ",".join(sorted({"03", *numbers}))
+        raise ValueError(
+            f"--only {','.join(numbers)}: {_counted(needing)} from notebook 03's model, which {run_dir} does not "
+            f"hold yet; add 03 (--only {wanted})"
+        )
+
+
+def _counted(numbers: list[str]) -> str:
+    """'notebook 05 starts' or 'notebooks 05 and 06 start'."""
+    return f"notebook {numbers[0]} starts" if len(numbers) == 1 else f"notebooks {' and '.join(numbers)} start"
 
 
 def _failed_cell(exc: Exception, notebook: Path) -> str:
@@ -249,6 +276,7 @@ def run_course(
     writes = [name for nb in selected for name in (nb.name, nb.stem)] + ["summary.md", TIMINGS]
     settings = {"profile": profile, "minutes": minutes}
     check_claim(run_dir, "course", settings, overwrite=overwrite)  # before minutes of timing
+    check_needs(selected, followed(run_dir), profile)
     print(f"course: profile {profile} ({why}); timing a few iterations of each model on this machine", flush=True)
     plan = plan_course(profile, minutes, only=[nb.name[:2] for nb in selected])  # refused before anything is made
     budget = f" scaled to {minutes:g} training minutes" if minutes else ""

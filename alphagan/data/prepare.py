@@ -362,12 +362,11 @@ def _check_affine(img, repaired: list[str]) -> None:
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError("its affine (sform/qform) is singular: the voxels have no size or orientation")
     header = img.header
-    if isinstance(header, nib.Nifti1Header) and header["sform_code"] == 0 and header["qform_code"] == 0:
-        if any("pixdim" in text and "non-zero" in text for text in repaired):  # nibabel took 1 mm for them
-            raise InputError(
-                "no sform or qform, and a voxel size of 0 in its pixdim; fix the header (pixdim[1:4]: the voxel "
-                "sizes in mm)"
-            )
+    no_codes = isinstance(header, nib.Nifti1Header) and header["sform_code"] == 0 and header["qform_code"] == 0
+    if no_codes and any("pixdim" in text and "non-zero" in text for text in repaired):  # nibabel took 1 mm for them
+        raise InputError(
+            "no sform or qform, and a voxel size of 0 in its pixdim; fix the header (pixdim[1:4]: voxel sizes in mm)"
+        )
 
 
 def _descrip(path: Path) -> str:
