@@ -339,12 +339,26 @@ def _wrong_real_side(
                 f"({shared[0].removeprefix(SYNTHETIC_MARK + ' ')}), not held out; give --real synth, or a cache of a "
                 f"cohort made with another --seed"
             )
+        if shared := _shared_inputs(source, other):
+            return (
+                f"--real {source}: {len(shared)} of its subjects are files the {cfg.model} run trained on (the same "
+                f"checksum in {other}, e.g. {shared[0]}), not held out; prepare the held-out cache from other subjects"
+            )
         if real_kinds and learned_kinds and not real_kinds & learned_kinds:
             return (
                 f"--real {source}: holds synthetic {'/'.join(sorted(real_kinds))} subjects, and the {cfg.model} run "
                 f"learned {'/'.join(sorted(learned_kinds))} ones ({other}); compare it with data of its own kind"
             )
     return None
+
+
+def _shared_inputs(real: Source, training: Source) -> list[str]:
+    """The inputs of the cache `real` whose files (by checksum) the cache `training` was also prepared from, if both
+    are caches on this disk."""
+    if real.synthetic or training.synthetic or not (training.cache / "manifest.tsv").exists():
+        return []
+    trained = {row["sha256"] for row in read_manifest(training.cache) if row.get("sha256")}
+    return [row["source"] for row in read_manifest(real.cache) if row.get("sha256") in trained]
 
 
 def _memorisation(training: str, cfg: Config, generated: np.ndarray, heldout: np.ndarray) -> tuple[dict, tuple]:

@@ -89,18 +89,26 @@ class TrainResult:
     fov_mm: float
 
 
-def _check_resume_data(out: Path, data: str) -> None:
+def check_resume_data(out: Path, data: str) -> None:
     """A resumed run continues on the data it was trained on: the same source, and for a cache the same contents
-    (the digest of its manifest), not a cache prepared again under the same name."""
+    (the digest of its manifest), not a cache prepared again under the same name. The same contents moved to
+    another folder are that data."""
     config, saved = out / CONFIG, saved_config(out)
-    if saved.get("data") not in (None, data):
-        raise ValueError(
-            f"{config}: this run trained on {saved['data']}, not {data}; leave out --data to resume on the run's own"
+    was, digest, source = saved.get("data"), saved.get("data_digest"), Source.parse(data)
+    if not source.synthetic and not source.cache.is_dir():
+        raise FileNotFoundError(
+            f"{data}: no such folder, and this run trained on it ({config}); if the cache moved, give its new place "
+            f"with --data"
         )
-    if saved.get("data_digest") not in (None, data_digest(data)):
+    moved = digest is not None and digest == data_digest(data)
+    if was not in (None, data) and not moved:
+        there = Source.parse(was).synthetic or Path(was).is_dir()
+        fix = "leave out --data to resume on the run's own" if there else "give --data where that cache is now"
+        raise ValueError(f"{config}: this run trained on {was}, not {data}; {fix}, or train into a new --out")
+    if digest not in (None, data_digest(data)):
         raise ValueError(
-            f"{data}: prepared again since this run started (its manifest.tsv differs from the one {config} "
-            f"records); resume on the cache it trained on, or train into a new --out"
+            f"{data}: prepared again since this run started (its manifest.tsv or settings.json differs from what "
+            f"{config} records); resume on the cache it trained on, or train into a new --out"
         )
 
 
@@ -151,8 +159,6 @@ def claim_run(out: Path, cfg: Config, data: str, resume: bool, overwrite: bool, 
     Rank 0 holds it for all processes of a DDP run."""
     if int(os.environ.get("RANK", 0)) != 0:
         return contextlib.nullcontext()
-    if resume:
-        _check_resume_data(out, data)
     _check_something_to_resume(out, resume, overwrite)
     keep = {"--init": _resolved(init), "--data": Source.parse(data).cache}  # the file it reads, not its folder
     settings = {"model": cfg.model, "data": data}

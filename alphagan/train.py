@@ -119,8 +119,8 @@ def _all_finite(nets: dict[str, nn.Module]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def _check_data(cfg: Config, source: Source) -> Source:
-    """`source`, if it holds at least one batch at the run's size: refused before the run folder is claimed."""
+def _check_data(cfg: Config, source: Source) -> None:
+    """Refuse, before the run folder is claimed, a `source` without one batch at the run's size."""
     if source.synthetic:
         count, fix = cfg.n_subjects, f"give --n-subjects {cfg.batch} or more, or a smaller --batch"
     else:
@@ -128,7 +128,6 @@ def _check_data(cfg: Config, source: Source) -> Source:
     if count < cfg.batch:
         fix = f"give --batch {count} or less, or {fix}" if count >= 2 else fix  # BatchNorm needs two
         raise ValueError(f"{source}: {count} volumes, fewer than one batch (--batch {cfg.batch}); {fix}")
-    return source
 
 
 def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | None, progress: bool) -> Run:
@@ -294,7 +293,10 @@ def train(
     cfg, out = cfg.validate(), Path(out)
     device = pick_device(cfg.device)  # a device this machine lacks is refused before the run folder is made
     _check_networks_fit(cfg, device)
-    data = str(_check_data(cfg, Source.parse(data)))  # a cache as its absolute path: evaluated from anywhere
+    data = str(Source.parse(data))  # a cache as its absolute path: the run can be evaluated from anywhere
+    if resume:
+        runs.check_resume_data(out, data)
+    _check_data(cfg, Source.parse(data))
     use_headless_backend()
     with (
         runs.claim_run(out, cfg, data, resume, overwrite, init),

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -85,6 +86,26 @@ def test_a_training_cache_on_the_real_side_is_refused(tmp_path, cohort_dir, caps
         assert main(["evaluate", "--real", str(cache) + "/", "--checkpoint", str(run), *args]) == 1  # also with a '/'
         assert "the training set of a model, not held out; give a cache prepared from other" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_real_side_sharing_files_with_the_training_set_is_refused(tmp_path, cohort_dir, capsys):
+    """Scans of the user's own (no synthetic origin): a held-out cache prepared partly from the training files."""
+    files = sorted(cohort_dir.glob("*.nii.gz"))
+    for folder, chosen in (("a", files[:4]), ("b", files[2:])):
+        (tmp_path / folder).mkdir()
+        for path in chosen:
+            image = nib.load(path)
+            image.header["descrip"] = b""  # no mark of the synthetic cohort
+            nib.save(image, tmp_path / folder / path.name)
+    train_cache = prepare(str(tmp_path / "a"), tmp_path / "train", size=16, progress=False).out
+    held = prepare(str(tmp_path / "b"), tmp_path / "held", size=16, progress=False).out
+    assert not any(row["origin"] for row in read_manifest(held))
+    train(make_config("smoke", iters=2, device="cpu", batch=2), str(train_cache), tmp_path / "run", progress=False)
+    args = ["evaluate", "--real", str(held), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e")]
+    assert main([*args, "--n", "4"]) == 1
+    assert f"2 of its subjects are files the alpha-wgan-gp run trained on (the same checksum in {train_cache}" in (
+        capsys.readouterr().err
+    )
 
 
 def test_table_numbers_are_plain_and_pairs_never_exceed_the_distinct_ones(runs, tmp_path):

@@ -477,6 +477,19 @@ def test_resume_refuses_a_cache_prepared_again_from_other_subjects(tmp_path, coh
     _fails(capsys, [*argv, "--iters", "3"], "prepared again", "manifest.tsv")
 
 
+def test_resume_follows_its_cache_to_a_new_place_and_refuses_another(tmp_path, cohort_dir, capsys):
+    cache, moved, run = tmp_path / "cache", tmp_path / "moved", tmp_path / "run"
+    prepare(str(cohort_dir), cache, size=16, progress=False)
+    assert main(["train", "--data", str(cache), "--out", str(run), *TRAIN]) == 0
+    cache.rename(moved)
+    resume = ["train", "--out", str(run), "--resume", "--iters", "3"]
+    _fails(capsys, resume, f"{cache}: no such folder, and this run trained on it", "give its new place with --data")
+    other = prepare(str(cohort_dir), tmp_path / "other", size=16, stretch=True, progress=False).out
+    _fails(capsys, [*resume, "--data", str(other)], f"trained on {cache}, not {other}; give --data where that cache")
+    assert main([*resume, "--data", str(moved)]) == 0  # the same manifest: the same data
+    assert json.loads((run / "config.json").read_text())["data"] == str(moved)
+
+
 # ------------------------------------------------------------------------------------------------ atomic writes
 def test_a_failed_write_leaves_neither_half_a_file_nor_a_temporary_one(tmp_path):
     from alphagan.folders import DiskFull, atomic

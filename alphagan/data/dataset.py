@@ -75,12 +75,16 @@ class Source:
 
 
 def data_digest(data: str) -> str | None:
-    """The SHA-256 of a cache's manifest.tsv (which holds each input's checksum): two caches of the same name but
-    other subjects differ here. None for the synthetic cohort, which its settings define."""
+    """The SHA-256 of a cache's settings.json and manifest.tsv (which holds each input's checksum): two caches of the
+    same name but other subjects, or prepared other ways (--stretch), differ here; one moved elsewhere does not.
+    None for the synthetic cohort, which its settings define."""
     source = Source.parse(data)
     if source.synthetic or not (source.cache / "manifest.tsv").exists():
         return None
-    return hashlib.sha256((source.cache / "manifest.tsv").read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for name in ("settings.json", "manifest.tsv"):
+        digest.update((source.cache / name).read_bytes() if (source.cache / name).exists() else b"")
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ the synthetic cohort
