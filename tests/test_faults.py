@@ -21,7 +21,7 @@ import torch
 from alphagan.checkpoint import list_checkpoints
 from alphagan.cli import main
 from alphagan.course import runner
-from alphagan.data.cache import cache_root, read_manifest
+from alphagan.data.cache import cache_root, load_cache, read_manifest
 from alphagan.data.prepare import prepare
 from alphagan.folders import claim
 
@@ -910,9 +910,12 @@ def test_generated_volumes_are_refused_unless_asked_for(tmp_path, cohort_dir, ca
     [
         (lambda v: (v - v.mean()) / v.std(), "z-scored or shifted"),
         (lambda v: v / v.max() * 2 - 1, "already in [-1, 1]"),
+        (lambda v: v.max() - v, "its background is not dark: the image's edge is at 100%"),  # inverted
+        (lambda v: v + 0.05 * v.max(), "no voxel of zero background (the darkest is at 5%"),  # never removed
     ],
 )
 def test_intensity_conventions_that_normalisation_would_get_wrong_are_refused(tmp_path, cohort_dir, transform, phrase):
+    """Each one alone among good scans is refused with its reason, and the cache of the rest loads."""
     src = tmp_path / "src"
     shutil.copytree(cohort_dir, src)
     path = sorted(src.glob("*.nii.gz"))[0]
@@ -920,6 +923,7 @@ def test_intensity_conventions_that_normalisation_would_get_wrong_are_refused(tm
     _nifti(path, transform(img.get_fdata()), img.affine)
     result = prepare(str(src), tmp_path / "cache", size=16, progress=False)
     assert result.written == 5 and phrase in result.rejected[0][1], result.rejected
+    assert len(load_cache(result.out)[0]) == 5
 
 
 def test_voxel_sizes_follow_the_sform_where_pixdim_disagrees_and_a_nan_affine_is_named(tmp_path):

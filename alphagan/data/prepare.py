@@ -472,9 +472,26 @@ def check_intensities(data: np.ndarray) -> None:
             f"scan; give the original images"
         )
     raise InputError(
-        f"{negative:.0%} of its voxels are negative (down to {low:.3g}): z-scored or shifted intensities, with no "
-        f"zero background; give the images before intensity normalisation"
+        f"{negative:.0%} of its voxels are negative (down to {low:.3g}): z-scored or shifted intensities; give the "
+        f"images before intensity normalisation"
     )
+
+
+DARK_EDGE = 0.1  # the image's edge brighter than this fraction of the brain's bright end: no dark background
+
+
+def check_background(data: np.ndarray, percentile: float) -> None:
+    """Refuse a scan whose background is not dark (the normalisation maps 0 to the background's -1): an inverted
+    image, or one whose background was never removed, would put a bright frame into the training set."""
+    faces = [np.moveaxis(data, axis, 0)[end].ravel() for axis in range(3) for end in (0, -1)]
+    edge = float(np.median(np.concatenate(faces)))
+    every_other = data[::2, ::2, ::2]  # an eighth of the voxels estimate the bright end well enough here
+    top = float(np.percentile(every_other[every_other > 0], percentile))
+    if edge > DARK_EDGE * top:
+        raise InputError(
+            f"its background is not dark: the image's edge is at {edge / top:.0%} of the brain's bright end (an "
+            f"inverted image, or a background that was not removed); give a scan with a zero background"
+        )
 
 
 def _foreground_extent_mm(data: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -490,13 +507,20 @@ def preprocess(path: str | Path, settings: Settings = Settings(), channel: int =
     _check_not_labels(data)
     check_intensities(data)
     np.maximum(data, 0.0, out=data)  # a few slightly negative voxels: noise beside a zero background
+    check_background(data, settings.percentile)
     cube, fov_mm = to_cube(data, spacing, settings.size, settings.stretch)
     info = {
         "shape": "x".join(map(str, data.shape)),
         "spacing": "x".join(f"{s:.4g}" for s in spacing),
         "fov_mm": round(fov_mm, 3),
     }
-    return normalise(cube, settings.percentile), info
+    volume = normalise(cube, settings.percentile)
+    if volume.min() > -1.0:  # what every volume of a cache holds (`cache.load_cache`): one would refuse them all
+        raise InputError(
+            f"no voxel of zero background (the darkest is at {(volume.min() + 1) / 2:.0%} of the brain's bright end); "
+            f"give a scan with a zero background"
+        )
+    return volume, info
 
 
 def _work(args: tuple[Entry, Settings, bool]) -> tuple[Entry, np.ndarray | None, str]:
