@@ -518,7 +518,8 @@ def markdown_table(results: dict) -> str:
     """Table 1 in the paper's form: one row per model and the real data, MMD and MS-SSIM, plus what we add; then
     the conclusions drawn from it, and the paper's own table."""
     lines = [
-        f"Real side: {results['real']['data']}. Sampling: {results['sampling']}.",
+        f"Real side: {results['real']['data']}. Sampling: {results['sampling']}. Tissue volumes (volumes.png): "
+        f"segmented as {results['settings']['contrast']} images (--contrast).",
         "",
         "| model | MMD (mean ± sd) | MMD per voxel | Gaussian MMD² | MS-SSIM | brain overlap | NN ratio | Fréchet |",
         "|---|---|---|---|---|---|---|---|",
