@@ -91,11 +91,11 @@ class TrainResult:
 
 def check_resume_data(out: Path, data: str) -> None:
     """A resumed run continues on the data it was trained on: the same source, and for a cache the same contents
-    (the digest of its manifest), not a cache prepared again under the same name. The same contents moved to
-    another folder are that data."""
+    (`data_digest`), not a cache prepared again under the same name. The same contents moved to another folder are
+    that data."""
     config, saved = out / CONFIG, saved_config(out)
     was, digest, source = saved.get("data"), saved.get("data_digest"), Source.parse(data)
-    if not source.synthetic and not source.cache.is_dir():
+    if was == data and not source.synthetic and not source.cache.is_dir():
         raise FileNotFoundError(
             f"{data}: no such folder, and this run trained on it ({config}); if the cache moved, give its new place "
             f"with --data"
