@@ -127,7 +127,7 @@ def load_checkpoint(path: str | Path, iteration: int | None = None, map_location
         raise ValueError(
             f"{path}: not a loadable alphagan checkpoint ({type(exc).__name__}): truncated, or not written by alphagan"
         ) from None
-    missing = {"config", "iter", "nets"} - set(state) if isinstance(state, dict) else {"config"}
+    missing = {"config", "iter", "nets", "fov_mm"} - set(state) if isinstance(state, dict) else {"config"}
     if missing:
         raise ValueError(
             f"{path}: not an alphagan checkpoint (no {', '.join(sorted(missing))}); give one `alphagan train` wrote"
@@ -155,6 +155,9 @@ def _check_contents(path: Path, state: dict) -> None:
         raise ValueError(f"{path}: its config is not one alphagan trains ({exc}); the file is damaged") from None
     if not isinstance(state["iter"], int) or state["iter"] < 0:
         raise ValueError(f"{path}: its iteration is {state['iter']!r}, not a count; the file is damaged")
+    fov = state["fov_mm"]
+    if not isinstance(fov, (int, float)) or not 0 < fov < 1000:  # the cube's edge in mm, for generated volumes
+        raise ValueError(f"{path}: its field of view is {fov!r}, not a cube's edge in mm; the file is damaged")
     with torch.device("meta"):
         nets = build_networks(cfg.model, cfg.size, cfg.width, cfg.latent, cfg.code_hidden, cfg.critic_norm)
     saved = state["nets"] if isinstance(state["nets"], dict) else {}

@@ -23,7 +23,7 @@ from alphagan import anatomy, features, metrics
 from alphagan.checkpoint import open_checkpoint
 from alphagan.config import EVALUATE_DEFAULTS, Config
 from alphagan.data.cache import load_cache, read_manifest
-from alphagan.data.dataset import Source, data_digest, load_training_volumes
+from alphagan.data.dataset import Source, load_training_volumes, same_data
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
 from alphagan.device import free_memory, pick_device
 from alphagan.folders import claim, staged
@@ -319,7 +319,7 @@ def _wrong_real_side(
         f"--real {source.cache}: the training set of a model, not held out; give a cache prepared from other "
         f"subjects, or --real synth for runs trained on the synthetic cohort"
     )
-    if not source.synthetic and (digest := data_digest(str(source.cache))) is not None and digest in digests:
+    if not source.synthetic and any(same_data(digest, str(source.cache)) for digest in digests):
         return training_set  # wherever it lies now: the run recorded its manifest's checksum
     real = _cohorts(source, held_out_seed(configs[0].seed))  # the cohort `real_volumes` draws
     real_kinds = _kinds(real)

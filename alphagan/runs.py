@@ -28,7 +28,7 @@ from alphagan.checkpoint import (
     load_newest,
 )
 from alphagan.config import SETTINGS, Config
-from alphagan.data.dataset import Batches, Source, data_digest
+from alphagan.data.dataset import Batches, Source, data_digest, same_data
 from alphagan.device import pick_device
 from alphagan.folders import FolderRefused, atomic, claim, owner_record
 from alphagan.models import build_networks
@@ -100,12 +100,11 @@ def check_resume_data(out: Path, data: str) -> None:
             f"{data}: no such folder, and this run trained on it ({config}); if the cache moved, give its new place "
             f"with --data"
         )
-    moved = digest is not None and digest == data_digest(data)
-    if was not in (None, data) and not moved:
+    if was not in (None, data) and not same_data(digest, data):
         there = Source.parse(was).synthetic or Path(was).is_dir()
         fix = "leave out --data to resume on the run's own" if there else "give --data where that cache is now"
         raise ValueError(f"{config}: this run trained on {was}, not {data}; {fix}, or train into a new --out")
-    if digest not in (None, data_digest(data)):
+    if digest is not None and not same_data(digest, data):
         raise ValueError(
             f"{data}: prepared again since this run started (its manifest.tsv or settings.json differs from what "
             f"{config} records); resume on the cache it trained on, or train into a new --out"
@@ -220,10 +219,20 @@ def restore(
         )
     for k, net in nets.items():
         net.load_state_dict(state["nets"][k])
-    for k, opt in opts.items():
-        opt.load_state_dict(state["optimisers"][k])
-    # Generators take their states from host memory; a checkpoint loaded onto a GPU moved them there.
-    rng = {k: v.cpu() for k, v in state["rng"][rank].items()}
+    saved_ranks = state.get("rng")
+    if isinstance(saved_ranks, list) and rank >= len(saved_ranks):
+        raise ValueError(f"{path}: saved by {len(saved_ranks)} process(es); resume it with as many")
+    try:
+        for k, opt in opts.items():
+            opt.load_state_dict(state["optimisers"][k])
+        # Generators take their states from host memory; a checkpoint loaded onto a GPU moved them there.
+        rng = {k: v.cpu() for k, v in saved_ranks[rank].items()}
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: its optimiser or random state is missing or damaged ({type(exc).__name__}), so the run cannot "
+            f"continue from it; move it out of {path.parent} to resume from the one before, or start a new run from "
+            f"its weights (--init {path})"
+        ) from None
     try:
         batches.set_state(rng)
     except (RuntimeError, KeyError) as exc:  # saved on another kind of device: the draws cannot continue exactly

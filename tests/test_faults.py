@@ -3,6 +3,7 @@
 import collections
 import fcntl
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -1095,6 +1096,8 @@ def test_a_run_stopped_before_its_first_checkpoint_advises_what_works(tmp_path, 
         (lambda s: s["config"].update(size=48), "its config is not one alphagan trains"),
         (lambda s: s.update(iter="ten"), "its iteration is 'ten'"),
         (lambda s: next(iter(s["nets"]["G"].values())).fill_(float("nan")), "network G holds NaN or infinite weights"),
+        (lambda s: s.pop("fov_mm"), "not an alphagan checkpoint (no fov_mm)"),
+        (lambda s: s.update(fov_mm=float("nan")), "its field of view is nan"),
     ],
 )
 def test_a_checkpoint_whose_contents_are_wrong_is_refused_in_one_line(tmp_path, capsys, damage, phrase):
@@ -1106,6 +1109,30 @@ def test_a_checkpoint_whose_contents_are_wrong_is_refused_in_one_line(tmp_path, 
     damage(state)
     torch.save(state, tmp_path / "bad.pt")
     _fails(capsys, ["sample", "--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "s")], "bad.pt", phrase)
+
+
+@pytest.mark.parametrize("damage", [lambda s: s.pop("optimisers"), lambda s: s.update(rng=5)])
+def test_a_checkpoint_that_cannot_be_continued_names_what_can(tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    state = torch.load(newest, weights_only=True)
+    damage(state)
+    torch.save(state, newest)
+    resume = ["train", "--out", str(run), "--resume", "--iters", "3"]
+    _fails(capsys, resume, f"{newest}: its optimiser or random state is missing or damaged", f"--init {newest}")
+    assert main(["sample", "--checkpoint", str(run), "--n", "2", "--out", str(tmp_path / "s")]) == 0  # weights: fine
+    newest.rename(tmp_path / newest.name)  # "move it out": the one before continues
+    assert main(resume) == 0
+
+
+def test_a_run_recorded_before_settings_json_was_digested_still_resumes(tmp_path, cohort_dir):
+    cache, run = prepare(str(cohort_dir), tmp_path / "cache", size=16, progress=False).out, tmp_path / "run"
+    assert main(["train", "--data", str(cache), "--out", str(run), *TRAIN]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["data_digest"] = hashlib.sha256((cache / "manifest.tsv").read_bytes()).hexdigest()  # the old definition
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--out", str(run), "--resume", "--iters", "3"]) == 0
 
 
 def test_the_newest_good_checkpoint_is_used_when_the_newest_is_damaged(tmp_path, capsys):

@@ -74,17 +74,23 @@ class Source:
         return str(self.cache) if self.cache else f"synth:{self.kind}:{self.contrast}"
 
 
-def data_digest(data: str) -> str | None:
+def data_digest(data: str, settings: bool = True) -> str | None:
     """The SHA-256 of a cache's settings.json and manifest.tsv (which holds each input's checksum): two caches of the
     same name but other subjects, or prepared other ways (--stretch), differ here; one moved elsewhere does not.
-    None for the synthetic cohort, which its settings define."""
+    `settings=False`: of the manifest alone, as runs recorded it before December 2026. None for the synthetic
+    cohort, which its settings define."""
     source = Source.parse(data)
     if source.synthetic or not (source.cache / "manifest.tsv").exists():
         return None
     digest = hashlib.sha256()
-    for name in ("settings.json", "manifest.tsv"):
+    for name in ("settings.json", "manifest.tsv") if settings else ("manifest.tsv",):
         digest.update((source.cache / name).read_bytes() if (source.cache / name).exists() else b"")
     return digest.hexdigest()
+
+
+def same_data(recorded: str | None, data: str) -> bool:
+    """Whether a run's recorded `data_digest` is that of the cache `data` (by either definition)."""
+    return recorded is not None and recorded in (data_digest(data), data_digest(data, settings=False))
 
 
 # ------------------------------------------------------------------------------------------------ the synthetic cohort
