@@ -50,9 +50,20 @@ def run_of(checkpoint: str | Path) -> Path:
 
 
 def saved_config(out: str | Path) -> dict:
-    """The run's config.json as a dict; empty where there is none yet."""
+    """The run's config.json as a dict; empty where there is none yet. A damaged one is refused, naming the fix."""
     path = Path(out) / CONFIG
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:  # not JSON, or not UTF-8
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("data", ""), (str, type(None))):
+        raise ValueError(
+            f"{path}: damaged (not the settings `train` writes); delete it, and the run's newest checkpoint gives "
+            f"its settings (resuming then needs --data)"
+        )
+    return saved
 
 
 # Settings that must not change when a run is resumed (iterations, logging and device may).
@@ -146,7 +157,13 @@ def run_settings(out: str | Path) -> tuple[Config, str | None] | None:
     that is gone its newest checkpoint's settings and no data; None where there is no run."""
     saved = saved_config(out)
     if saved:
-        return Config.from_dict({k: v for k, v in saved.items() if k in SETTINGS}), saved["data"]
+        try:
+            return Config.from_dict({k: v for k, v in saved.items() if k in SETTINGS}).validate(), saved.get("data")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{Path(out) / CONFIG}: damaged ({exc}); delete it, and the run's newest checkpoint gives its settings "
+                f"(resuming then needs --data)"
+            ) from None
     if not list_checkpoints(checkpoints_of(out)):
         return None
     return Config.from_dict(load_newest(checkpoints_of(out))[1]["config"]), None

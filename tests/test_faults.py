@@ -1126,6 +1126,20 @@ def test_a_checkpoint_that_cannot_be_continued_names_what_can(tmp_path, capsys, 
     assert main(resume) == 0
 
 
+@pytest.mark.parametrize("text", ["{half a fi", "[1, 2]", '{"data": 5}', '{"data": "synth", "lr": "fast"}'])
+def test_a_damaged_config_json_is_named_with_what_still_works(tmp_path, capsys, text):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    (run / "config.json").write_text(text)
+    resume = ["train", "--out", str(run), "--resume", "--iters", "3"]
+    _fails(capsys, resume, f"{run / 'config.json'}: damaged", "delete it")
+    if "lr" not in text:  # evaluate reads only the data from it (the settings from the checkpoint)
+        argv = ["evaluate", "--real", "synth", "--checkpoint", str(run), "--out", str(tmp_path / "e"), "--n", "4"]
+        _fails(capsys, argv, "config.json: damaged")
+    (run / "config.json").unlink()  # as the message says: the checkpoint's settings, and the data given
+    assert main([*resume, "--data", "synth"]) == 0
+
+
 def test_a_run_recorded_before_settings_json_was_digested_still_resumes(tmp_path, cohort_dir):
     cache, run = prepare(str(cohort_dir), tmp_path / "cache", size=16, progress=False).out, tmp_path / "run"
     assert main(["train", "--data", str(cache), "--out", str(run), *TRAIN]) == 0
