@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,7 +273,13 @@ def write_settings(
         tmp.write_text(json.dumps(settings, indent=2))
     log_path = out / LOG
     if resume and log_path.exists():  # drop lines written after the checkpoint we resume from
-        kept = [line for line in log_path.read_text().splitlines() if _logged_iteration(line) <= start]
+        lines = log_path.read_text(errors="replace").splitlines()
+        damaged = [n for n, line in enumerate(lines[:-1], 1) if _logged_iteration(line) == math.inf]
+        if damaged:  # the last line may be one cut short by a stop; one before it was damaged since
+            warnings.warn(
+                f"{log_path}: line {', '.join(map(str, damaged))} damaged (not a record), dropped", stacklevel=2
+            )
+        kept = [line for line in lines if _logged_iteration(line) <= start]
         with atomic(log_path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept))
 

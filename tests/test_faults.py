@@ -136,7 +136,7 @@ def test_prepare_checks_its_size(tmp_path, cohort_dir, capsys, size):
 
 
 # ------------------------------------------------------------------------------------------------ damaged caches
-def test_a_truncated_array_a_disagreeing_size_and_an_empty_manifest_are_named(tmp_path, cache, capsys):
+def test_a_truncated_array_a_disagreeing_size_and_a_damaged_manifest_are_named(tmp_path, cache, cohort_dir, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken)
     data = (broken / "volumes.npy").read_bytes()
@@ -151,6 +151,12 @@ def test_a_truncated_array_a_disagreeing_size_and_an_empty_manifest_are_named(tm
     (broken / "manifest.tsv").write_text(header + "\n")
     _fails(capsys, ["train", "--data", str(broken), "--out", str(tmp_path / "r3"), *TRAIN], "0 rows for 6 volumes")
     assert not (tmp_path / "r3" / "config.json").exists()
+    rows = [line.split("\t") for line in (cache / "manifest.tsv").read_text().splitlines()]
+    without = ["\t".join(row[:5] + row[6:]) for row in rows]  # no sha256 column
+    (broken / "manifest.tsv").write_text("\n".join(without) + "\n")
+    _fails(capsys, ["train", "--data", str(broken), "--out", str(tmp_path / "r4"), *TRAIN], "has no sha256 column")
+    # prepare, given the same inputs, makes it again rather than stopping on what it cannot reuse
+    assert prepare(str(cohort_dir), broken, size=16, progress=False).written == 6
 
 
 def test_missing_or_empty_data_and_flags_that_would_do_nothing(tmp_path, cache, capsys):
@@ -1138,6 +1144,16 @@ def test_a_damaged_config_json_is_named_with_what_still_works(tmp_path, capsys, 
         _fails(capsys, argv, "config.json: damaged")
     (run / "config.json").unlink()  # as the message says: the checkpoint's settings, and the data given
     assert main([*resume, "--data", "synth"]) == 0
+
+
+def test_a_damaged_line_of_the_log_is_said_when_resuming_drops_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN[:-2], "--ckpt-every", "2", "--iters", "3"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], '{"iter": 2, "lo', *lines[2:]]) + "\n")
+    assert main(["train", "--out", str(run), "--resume", "--iters", "4"]) == 0
+    assert f"{run / 'metrics.jsonl'}: line 2 damaged (not a record), dropped" in capsys.readouterr().err
+    assert [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 3, 4]
 
 
 def test_a_run_recorded_before_settings_json_was_digested_still_resumes(tmp_path, cohort_dir):

@@ -51,10 +51,18 @@ class Entry:
     origin: str = ""  # the synthetic cohort of the subject (`space.synthetic_origin`), else empty
 
 
+MANIFEST_COLUMNS = ("source", "subject", "channel", "sha256", "fov_mm")  # what every reader of a manifest uses
+
+
 def read_manifest(cache: str | Path) -> list[dict]:
-    """The rows of a cache's manifest.tsv."""
-    with open(Path(cache) / "manifest.tsv", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+    """The rows of a cache's manifest.tsv; ValueError where a column that readers use is missing."""
+    path = Path(cache) / "manifest.tsv"
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} has no {', '.join(missing)} column")
+        return list(reader)
 
 
 def write_cache_tables(folder: Path, settings: dict, entries: list[Entry], rejected: list[tuple[str, str]]) -> None:
@@ -84,7 +92,7 @@ def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:
         settings = json.loads((cache / "settings.json").read_text())
         manifest = read_manifest(cache)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{cache}: damaged cache ({type(exc).__name__}: {exc}); prepare it again") from None
+        raise ValueError(f"{cache}: damaged cache ({exc}); prepare it again") from None
     size = settings.get("size")
     if volumes.ndim != 4 or volumes.shape[1:] != (size, size, size):
         raise ValueError(

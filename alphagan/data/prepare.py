@@ -558,9 +558,11 @@ def _read_previous(out: Path, settings: Settings) -> dict[tuple[str, int], tuple
             return {}
         volumes = np.load(out / "volumes.npy", mmap_mode="r")
         rows = read_manifest(out)
-    except (OSError, ValueError):
+        if len(rows) != len(volumes):
+            return {}
+        return {(r["sha256"], int(r["channel"])): (volumes[i], r) for i, r in enumerate(rows)}
+    except (OSError, ValueError):  # damaged: every volume is made again
         return {}
-    return {(r["sha256"], int(r["channel"])): (volumes[i], r) for i, r in enumerate(rows)}
 
 
 def _check_out(src: str, out: Path, settings: Settings, overwrite: bool) -> None:
