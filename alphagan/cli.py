@@ -6,7 +6,6 @@ Each command imports its module when it runs, so that `--help` and a wrong flag 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -98,6 +97,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from alphagan.data.cache import read_settings
     from alphagan.data.dataset import Source
     from alphagan.device import choose_profile
     from alphagan.runs import run_settings, stopped_note
@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--n-subjects sizes a synthetic cohort; the cache {source.cache} trains on all its own subjects"
         )
     if run is None and "size" not in overrides and not source.synthetic and (source.cache / "settings.json").exists():
-        overrides["size"] = json.loads((source.cache / "settings.json").read_text()).get("size")
+        overrides["size"] = read_settings(source.cache)["size"]
         print(f"alphagan train: {source.cache} holds {overrides['size']}³ volumes; training at that size",
               file=sys.stderr)  # fmt: skip
     try:

@@ -146,6 +146,10 @@ def test_a_truncated_array_a_disagreeing_size_and_a_damaged_manifest_are_named(t
     settings = json.loads((broken / "settings.json").read_text())
     (broken / "settings.json").write_text(json.dumps({**settings, "size": 32}))
     _fails(capsys, ["train", "--data", str(broken), "--out", str(tmp_path / "r2"), *TRAIN], "settings.json says 32")
+    for damaged in ("[16]", '{"size": "16"}', "{half"):  # the size train would take from it, or none
+        (broken / "settings.json").write_text(damaged)
+        argv = ["train", "--data", str(broken), "--out", str(tmp_path / "r2"), "--profile", "smoke"]
+        _fails(capsys, argv, f"{broken / 'settings.json'}: damaged", "prepare the cache again")
     (broken / "settings.json").write_text(json.dumps(settings))
     header = (broken / "manifest.tsv").read_text().splitlines()[0]
     (broken / "manifest.tsv").write_text(header + "\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alphagan.config import SIZES
 from alphagan.data.space import normalise, synthetic_origin, to_cube
 from alphagan.data.synth import make_subject
 from alphagan.folders import atomic_folder, recover_folder, reserved_array
@@ -79,6 +80,19 @@ def write_cache_tables(folder: Path, settings: dict, entries: list[Entry], rejec
     (folder / "settings.json").write_text(json.dumps(settings, indent=2))
 
 
+def read_settings(cache: str | Path) -> dict:
+    """A cache's settings.json; ValueError, naming it, where it is not the settings `prepare` writes."""
+    path = Path(cache) / "settings.json"
+    try:
+        settings = json.loads(path.read_text())
+    except ValueError:  # not JSON, or not UTF-8
+        settings = None
+    size = settings.get("size") if isinstance(settings, dict) else None
+    if size not in SIZES or isinstance(size, bool):
+        raise ValueError(f"{path}: damaged (no size of {', '.join(map(str, SIZES))}); prepare the cache again")
+    return settings
+
+
 def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:
     """The memory-mapped volumes, the manifest rows and the settings of a cache folder, checked against each
     other: a damaged cache is refused here, naming the file, rather than deep inside a model."""
@@ -89,7 +103,7 @@ def load_cache(cache: str | Path) -> tuple[np.ndarray, list[dict], dict]:
         raise FileNotFoundError(f"{cache}: not a prepared cache (no volumes.npy); run `python -m alphagan prepare`")
     try:
         volumes = np.load(cache / "volumes.npy", mmap_mode="r")
-        settings = json.loads((cache / "settings.json").read_text())
+        settings = read_settings(cache)
         manifest = read_manifest(cache)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{cache}: damaged cache ({exc}); prepare it again") from None
