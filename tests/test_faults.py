@@ -155,10 +155,17 @@ def test_a_truncated_array_a_disagreeing_size_and_a_damaged_manifest_are_named(t
     (broken / "manifest.tsv").write_text(header + "\n")
     _fails(capsys, ["train", "--data", str(broken), "--out", str(tmp_path / "r3"), *TRAIN], "0 rows for 6 volumes")
     assert not (tmp_path / "r3" / "config.json").exists()
-    rows = [line.split("\t") for line in (cache / "manifest.tsv").read_text().splitlines()]
+    rows_text = (cache / "manifest.tsv").read_text().splitlines()
+    rows = [line.split("\t") for line in rows_text]
     without = ["\t".join(row[:5] + row[6:]) for row in rows]  # no sha256 column
     (broken / "manifest.tsv").write_text("\n".join(without) + "\n")
     _fails(capsys, ["train", "--data", str(broken), "--out", str(tmp_path / "r4"), *TRAIN], "has no sha256 column")
+    (broken / "manifest.tsv").write_text("\n".join([*rows_text[:2], "\x00\tcut\t"]) + "\n")
+    _fails(
+        capsys,
+        ["train", "--data", str(broken), "--out", str(tmp_path / "r5"), *TRAIN],
+        "manifest.tsv: line 3 is damaged",
+    )
     # prepare, given the same inputs, makes it again rather than stopping on what it cannot reuse
     assert prepare(str(cohort_dir), broken, size=16, progress=False).written == 6
 

@@ -56,14 +56,22 @@ MANIFEST_COLUMNS = ("source", "subject", "channel", "sha256", "fov_mm")  # what 
 
 
 def read_manifest(cache: str | Path) -> list[dict]:
-    """The rows of a cache's manifest.tsv; ValueError where a column that readers use is missing."""
+    """The rows of a cache's manifest.tsv; ValueError where a column that readers use is missing or a row is
+    damaged."""
     path = Path(cache) / "manifest.tsv"
     with open(path, newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} has no {', '.join(missing)} column")
-        return list(reader)
+        try:
+            missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path} has no {', '.join(missing)} column")
+            rows = list(reader)
+        except csv.Error as exc:
+            raise ValueError(f"{path} is not a table ({exc})") from None
+    for number, row in enumerate(rows, 2):
+        if None in row.values() or not row["channel"].lstrip("-").isdigit():
+            raise ValueError(f"{path}: line {number} is damaged")
+    return rows
 
 
 def write_cache_tables(folder: Path, settings: dict, entries: list[Entry], rejected: list[tuple[str, str]]) -> None:
