@@ -414,7 +414,8 @@ def _unrecognized(argv: list[str], extra: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An ordinary failure (a missing or damaged file, a bad setting, a full disk) is one line,
-    `alphagan <command>: <what and where>: <how to fix>`, and exit status 1; `--debug` shows the traceback."""
+    `alphagan <command>: <what and where>: <how to fix>`, and exit status 1; `--debug` shows the traceback. An
+    error no check foresaw is one line too, naming itself a bug."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
@@ -437,4 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             text = str(exc)
         print(f"alphagan {args.command}: {text}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # what no check foresaw: still one line, and the way to the traceback
+        if args.debug:
+            raise
+        print(
+            f"alphagan {args.command}: unexpected {type(exc).__name__} ({exc}), a bug of alphagan; run the same "
+            f"command with --debug (python -m alphagan --debug {args.command} ...) for the traceback, and report it",
+            file=sys.stderr,
+        )
         return 1

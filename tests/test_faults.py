@@ -793,6 +793,19 @@ def test_numbers_are_checked_where_they_are_parsed(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "x").exists()
 
 
+def test_an_error_no_check_foresaw_is_one_line_and_debug_shows_its_traceback(tmp_path, capsys, monkeypatch):
+    from alphagan import sampling
+
+    def broken(*args, **kwargs):
+        raise KeyError("fov")
+
+    monkeypatch.setattr(sampling, "write_samples", broken)
+    argv = ["sample", "--checkpoint", "c", "--out", str(tmp_path / "s")]
+    _fails(capsys, argv, "unexpected KeyError ('fov'), a bug of alphagan", "--debug")
+    with pytest.raises(KeyError):
+        main(["--debug", *argv])
+
+
 def test_a_pattern_the_shell_expanded_is_named(tmp_path, cohort_dir, capsys):
     files = sorted(map(str, cohort_dir.glob("*.nii.gz")))  # what `--src scans/*.nii.gz`, unquoted, passes
     _refused_when_parsed(capsys, ["prepare", "--src", *files, "--out", str(tmp_path / "c")], "and 1 more; --src takes")
