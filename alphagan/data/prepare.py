@@ -646,7 +646,8 @@ def _once(entries: list[Entry], progress: bool) -> tuple[list[Entry], list[tuple
     as a duplicate of the first and left out. Also computes each entry's SHA-256 (the manifest's)."""
     kept, rejected = [], []
     first: dict[tuple[str, int], str] = {}
-    for entry in tqdm(entries, desc="checksums", unit="file", disable=not progress or len(entries) < 50):
+    # Shown once it takes a second: a few large files take as long as many small ones.
+    for entry in tqdm(entries, desc="checksums", unit="file", disable=not progress, delay=1.0, leave=False):
         try:
             entry.source.encode("utf-8")
         except UnicodeEncodeError:
