@@ -53,6 +53,13 @@ def _run_data(checkpoint: str | Path, saved: dict) -> str | None:
             stacklevel=2,
         )
         return None
+    elif saved.get("data_digest") is not None and not same_data(saved["data_digest"], data):
+        warnings.warn(
+            f"{checkpoint}: its training cache {data} was prepared again since (other subjects or settings); the "
+            f"memorisation check is skipped for it (everything else compares with --real)",
+            stacklevel=2,
+        )
+        return None
     return data
 
 

@@ -1212,14 +1212,20 @@ def test_a_course_run_again_with_other_notebooks_keeps_the_earlier_ones_in_its_s
     assert rows == ["| 01_data.ipynb", "| 02_architecture.ipynb", "| 03_training.ipynb"]
 
 
-def test_evaluate_skips_only_the_memorisation_check_when_the_training_cache_has_moved(tmp_path, cache, capsys):
+@pytest.mark.parametrize("change, said", [("move", "no longer there"), ("stretch", "was prepared again since")])
+def test_evaluate_skips_only_the_memorisation_check_when_the_training_cache_has_gone(
+    tmp_path, cache, cohort_dir, capsys, change, said
+):
     run = tmp_path / "run"
     assert main(["train", "--data", str(cache), "--out", str(run), *TRAIN]) == 0
-    cache.rename(tmp_path / "moved")
+    if change == "move":
+        cache.rename(tmp_path / "moved")
+    else:  # the same path, other volumes: not the set the model saw
+        prepare(str(cohort_dir), cache, size=16, stretch=True, overwrite=True, progress=False)
     argv = ["evaluate", "--real", "synth", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "e")]
     assert main([*argv, "--n", "8", "--pairs", "10", "--n-anatomy", "2"]) == 0
-    said = capsys.readouterr().err
-    assert re.search("^alphagan evaluate: .*no longer there; the memorisation check is skipped", said, re.M), said
+    err = capsys.readouterr().err
+    assert re.search(f"^alphagan evaluate: .*{said}.*; the memorisation check is skipped", err, re.M), err
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert "memorisation" not in next(iter(results["models"].values()))
 
