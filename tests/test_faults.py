@@ -581,11 +581,21 @@ def test_a_partial_synthetic_cache_of_a_dead_process_is_removed(tmp_path, monkey
     folder = dataset.synthetic_cache(2, 16, seed=5, workers=1)
     dead = folder.with_name(f".{folder.name}.partial-999999999")  # no such process
     dead.mkdir()
-    import shutil as sh
-
-    sh.rmtree(folder)
+    shutil.rmtree(folder)
     dataset.synthetic_cache(2, 16, seed=5, workers=1)
     assert not dead.exists() and (folder / "settings.json").exists()
+
+
+def test_a_damaged_synthetic_cohort_is_made_again_saying_so(tmp_path, monkeypatch):
+    from alphagan.data.dataset import synthetic_volumes
+
+    monkeypatch.setenv("ALPHAGAN_CACHE", str(tmp_path))
+    first = np.array(synthetic_volumes(2, 16, seed=5)[0])
+    path = next(tmp_path.glob("synth-*")) / "volumes.npy"
+    path.write_bytes(path.read_bytes()[:-1000])  # a disk that filled, or a kill, while it was written
+    with pytest.warns(UserWarning, match="damaged cache .*; making it again"):
+        again = np.array(synthetic_volumes(2, 16, seed=5)[0])
+    assert np.array_equal(first, again)
 
 
 # ------------------------------------------------------------------------------------------------ what is read

@@ -10,6 +10,8 @@ background stays exactly -1 and the generator is not asked to learn a random bac
 from __future__ import annotations
 
 import hashlib
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +106,13 @@ def synthetic_volumes(
 ) -> tuple[np.ndarray, float]:
     """A synthetic cohort as `prepare` would make it: (n, size, size, size) memory-mapped volumes from the
     cohort cache, and their median field of view (the cube's edge) in mm."""
-    volumes, manifest, _ = load_cache(synthetic_cache(n, size, seed, kind, contrast, progress=progress))
+    folder = synthetic_cache(n, size, seed, kind, contrast, progress=progress)
+    try:
+        volumes, manifest, _ = load_cache(folder)
+    except ValueError as exc:  # made by us, so made again: damaged by a full disk, a kill or an edit
+        warnings.warn(f"{str(exc).split('; ')[0]}; making it again", stacklevel=2)  # not its fix: ours
+        shutil.rmtree(folder)
+        volumes, manifest, _ = load_cache(synthetic_cache(n, size, seed, kind, contrast, progress=progress))
     return volumes, _median_fov(manifest)
 
 
