@@ -651,6 +651,19 @@ def test_a_format_prepare_does_not_read_is_named_with_the_fix(tmp_path, cohort_d
         _fails(capsys, ["prepare", "--src", str(src / "scans.zip"), "--out", str(tmp_path / "c")], "unpack it")
 
 
+def test_files_of_a_format_prepare_does_not_read_beside_images_are_said_not_dropped_silently(
+    tmp_path, cohort_dir, capsys
+):
+    src = tmp_path / "src"
+    shutil.copytree(cohort_dir, src)
+    image = nib.load(sorted(src.glob("*.nii.gz"))[0])
+    nib.save(nib.Nifti1Pair(np.asarray(image.dataobj), image.affine), src / "old_scan.img")  # .img and .hdr
+    assert main(["prepare", "--src", str(src), "--out", str(tmp_path / "c"), "--size", "16"]) == 0
+    said = capsys.readouterr()
+    assert "left out 2 file(s) in formats prepare does not read (Analyze; e.g." in said.err
+    assert "convert them to NIfTI (.nii.gz)" in said.err and "6 volumes written" in said.out
+
+
 @pytest.mark.parametrize(
     "flags, phrase",
     [

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -200,22 +201,42 @@ def why_no_inputs(src: str, layout: str = "auto", modality: str | None = None) -
     return "no .nii, .nii.gz, .mgh or .mgz files under it"
 
 
-def find_inputs(src: str, layout: str = "auto", modality: str | None = None) -> list[Entry]:
-    """The input volumes of `src` (a folder or a glob pattern) for `layout` and `modality`."""
+def files_of(src: str) -> list[Path]:
+    """Every file `src` names: those a glob pattern matches, those under a folder, or the one file."""
+    if _is_pattern(src):
+        return _pattern_files(src)
+    root = Path(src)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{src}: no such file or folder; check --src")
+    return walk_files(root)
+
+
+def unread_files(files: list[Path]) -> list[tuple[Path, str]]:
+    """The files among `files` in an image format `prepare` does not read (judged by suffix), with that format."""
+    found = [(p, next((f for s, f in OTHER_FORMATS.items() if p.name.lower().endswith(s)), None)) for p in files]
+    return [(p, f) for p, f in found if f is not None and not p.name.startswith(".")]
+
+
+def find_inputs(
+    src: str, layout: str = "auto", modality: str | None = None, files: list[Path] | None = None
+) -> list[Entry]:
+    """The input volumes of `src` (a folder or a glob pattern) for `layout` and `modality`; `files`: `files_of(src)`,
+    if already walked."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    files = files_of(src) if files is None else files
     if _is_pattern(src):
-        return [Entry(str(p), _stem(p), -1) for p in _pattern_files(src) if _is_image(p)]
+        return [Entry(str(p), _stem(p), -1) for p in files if _is_image(p)]
     root = Path(src)
     if root.is_file():
         if not _is_image(root):
             raise ValueError(f"{src}: not a NIfTI or MGH volume; {why_no_inputs(src)}")
         return [Entry(str(root), _stem(root), -1)]
-    if not root.is_dir():
-        raise FileNotFoundError(f"{src}: no such file or folder; check --src")
     layout = detect_layout(root) if layout == "auto" else layout
     mod = (modality or "").lower()
-    files = [p for p in walk_files(root) if _is_image(p)]
+    files = [p for p in files if _is_image(p)]
     if layout == "flat":
         return [Entry(str(p), _stem(p), -1) for p in files if mod in p.name.lower()]
     if layout == "adni":
@@ -634,9 +655,17 @@ def prepare(
     settings = Settings(size=size, stretch=stretch)
     out = followed(Path(out))
     _check_out(src, out, settings, overwrite)
-    entries = find_inputs(src, layout, modality)
+    files = files_of(src)
+    entries = find_inputs(src, layout, modality, files)
     if not entries:
         raise FileNotFoundError(f"{src}: no input images found: {why_no_inputs(src, layout, modality)}")
+    if unread := unread_files(files):  # beside the images it reads: said, not silently left out
+        formats = ", ".join(sorted({f for _, f in unread}))
+        warnings.warn(
+            f"{src}: left out {len(unread)} file(s) in formats prepare does not read ({formats}; e.g. "
+            f"{unread[0][0]}); convert them to NIfTI (.nii.gz) to include them",
+            stacklevel=2,
+        )
     with _locked(out):
         return _prepare_locked(entries, src, out, settings, workers, progress, allow_generated, overwrite)
 
