@@ -520,9 +520,17 @@ def _foreground_extent_mm(data: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return np.array([(b.stop - b.start) * s for b, s in zip(box, spacing)])
 
 
-def preprocess(path: str | Path, settings: Settings = Settings(), channel: int = -1) -> tuple[np.ndarray, dict]:
-    """One file to one normalised `size`^3 cube, with what the manifest records about it."""
+GENERATED_BACKGROUND = -0.98  # a generated voxel this close to the -1 of the background is background
+
+
+def preprocess(
+    path: str | Path, settings: Settings = Settings(), channel: int = -1, generated: bool = False
+) -> tuple[np.ndarray, dict]:
+    """One file to one normalised `size`^3 cube, with what the manifest records about it. `generated`: a model's
+    [-1, 1] volume (`--allow-generated`), read back as intensities over a zero background."""
     data, spacing = load_ras(path, channel)
+    if generated:
+        data = np.where(data > GENERATED_BACKGROUND, (data + 1) / 2, 0).astype(np.float32)
     check_volume(data, spacing)
     check_resolution(data, spacing, settings)
     _check_not_labels(data)
@@ -547,11 +555,11 @@ def preprocess(path: str | Path, settings: Settings = Settings(), channel: int =
 def _work(args: tuple[Entry, Settings, bool]) -> tuple[Entry, np.ndarray | None, str]:
     entry, settings, allow_generated = args
     descrip = _descrip(Path(entry.source))
-    generated = None if allow_generated else generated_reason(entry.source, descrip)
-    if generated:
+    generated = generated_reason(entry.source, descrip)
+    if generated and not allow_generated:
         return entry, None, f"{generated}; a model's output is not training data (--allow-generated to use it)"
     try:
-        volume, info = preprocess(entry.source, settings, entry.channel)
+        volume, info = preprocess(entry.source, settings, entry.channel, generated=generated is not None)
     except InputError as exc:
         return entry, None, str(exc)
     except OSError as exc:
