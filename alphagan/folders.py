@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +63,23 @@ def disk_full(folder: Path, needed: int | None = None) -> DiskFull:
     return DiskFull(f"{folder}: no space left on its disk ({free:.2f} GiB free{need}); free some space and run again")
 
 
+def check_writable(folder: Path) -> None:
+    """Refuse, in one line and before any work, an output `folder` (made or not) where nothing can be written: a
+    system or read-only folder, or a path through a file. A file is made in its nearest existing folder and removed."""
+    base = _existing(Path(folder))
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        raise FolderRefused(
+            f"{folder}: nothing can be written in {base} ({exc.strerror or exc}); choose another --out"
+        ) from None
+
+
 def check_space(folder: Path, needed: int, what: str, fix: str) -> None:
     """Refuse, before any of it is written, work whose files (`what`, about `needed` bytes) do not fit on the disk
     of `folder` (made or not), with `fix`."""
+    check_writable(folder)
     free = shutil.disk_usage(_existing(folder)).free
     if needed > free:
         raise DiskFull(
@@ -368,6 +383,7 @@ def claim(
     which `overwrite` must spare."""
     folder = followed(Path(folder))
     record = check_claim(folder, command, settings, resume=resume, overwrite=overwrite, again=again)
+    check_writable(folder)
     fresh = None if folder.exists() and any(folder.iterdir()) else not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails here, before any work
     settings = json.loads(json.dumps(settings))  # as the manifest will hold them

@@ -816,6 +816,26 @@ def test_numbers_are_checked_where_they_are_parsed(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "x").exists()
 
 
+def test_an_output_where_nothing_can_be_written_is_refused_by_every_command(tmp_path, cohort_dir, capsys):
+    """A path through a file stands for any folder this process cannot write (as root, permissions do not)."""
+    (tmp_path / "afile").write_text("x")
+    out = str(tmp_path / "afile" / "out")
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
+    (tmp_path / "course").mkdir()
+    (tmp_path / "course" / "summary.md").write_text("# a course run\n")
+    for argv in (
+        ["synth", "--n", "2", "--size", "16", "--out", out],
+        ["prepare", "--src", str(cohort_dir), "--size", "16", "--out", out],
+        ["train", "--data", "synth", *TRAIN, "--out", out],
+        ["sample", "--checkpoint", str(run), "--n", "2", "--out", out],
+        ["evaluate", "--real", "synth", "--checkpoint", str(run), "--n", "4", "--out", out],
+        ["results", str(tmp_path / "course"), "--out", out + "/page.md"],
+        ["course", "--profile", "smoke", "--only", "02", "--out", out],  # before it times the models
+    ):
+        _fails(capsys, argv, f"nothing can be written in {tmp_path / 'afile'} (Not a directory); choose another")
+
+
 def test_an_error_no_check_foresaw_is_one_line_and_debug_shows_its_traceback(tmp_path, capsys, monkeypatch):
     from alphagan import sampling
 

@@ -22,7 +22,7 @@ from alphagan.course.plan import plan_course
 from alphagan.course.settings import course_settings, notebook_03_run
 from alphagan.device import choose_profile, machine
 from alphagan.evaluate import plain
-from alphagan.folders import atomic, atomic_folder, check_claim, claim, followed
+from alphagan.folders import atomic, atomic_folder, check_claim, check_writable, claim, followed
 from alphagan.progress import SAVED_RUN
 from alphagan.runs import checkpoints_of
 
@@ -162,6 +162,7 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
         raise FileNotFoundError(f"{summary}: no summary; give the folder of a finished `alphagan course` run")
     if out.is_dir():
         raise ValueError(f"{out}: a folder; give the page's file name, e.g. --out {out / 'results.md'}")
+    check_writable(out.parent)
     files = out.with_name(f"{out.stem}_files")
     text = summary.read_text()
 
@@ -276,6 +277,7 @@ def run_course(
     writes = [name for nb in selected for name in (nb.name, nb.stem)] + ["summary.md", TIMINGS]
     settings = {"profile": profile, "minutes": minutes}
     check_claim(run_dir, "course", settings, overwrite=overwrite)  # before minutes of timing
+    check_writable(run_dir)
     check_needs(selected, followed(run_dir), profile)
     print(f"course: profile {profile} ({why}); timing a few iterations of each model on this machine", flush=True)
     plan = plan_course(profile, minutes, only=[nb.name[:2] for nb in selected])  # refused before anything is made

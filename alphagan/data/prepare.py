@@ -43,6 +43,7 @@ from alphagan.folders import (
     FolderRefused,
     atomic_folder,
     check_claim,
+    check_writable,
     followed,
     recover_folder,
     reserved_array,
@@ -631,6 +632,7 @@ def _cache_record(out: Path, settings: Settings) -> dict | None:
 @contextlib.contextmanager
 def _locked(out: Path):
     """One `prepare` at a time per cache; temporary folders left by a killed run are cleaned or restored."""
+    check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     busy = f"{out}: another prepare is writing this cache; wait for it to finish"
     lock = take_lock(out.with_name(f".{out.name}.lock"), busy, RuntimeError)
