@@ -56,11 +56,16 @@ def _existing(folder: Path) -> Path:
     return next(p for p in (folder, *folder.parents) if p.exists())
 
 
+def amount(nbytes: float) -> str:
+    """Bytes as a message says them: MB below a GiB, else GiB."""
+    return f"{nbytes / 2**20:.1f} MB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
+
+
 def disk_full(folder: Path, needed: int | None = None) -> DiskFull:
     """The one-line error for a full disk under `folder`."""
-    need = f"; it needs {needed / 2**30:.2f} GiB" if needed else ""
-    free = shutil.disk_usage(_existing(folder)).free / 2**30
-    return DiskFull(f"{folder}: no space left on its disk ({free:.2f} GiB free{need}); free some space and run again")
+    need = f"; it needs {amount(needed)}" if needed else ""
+    free = shutil.disk_usage(_existing(folder)).free
+    return DiskFull(f"{folder}: no space left on its disk ({amount(free)} free{need}); free some space and run again")
 
 
 def check_writable(folder: Path) -> None:
@@ -82,9 +87,7 @@ def check_space(folder: Path, needed: int, what: str, fix: str) -> None:
     check_writable(folder)
     free = shutil.disk_usage(_existing(folder)).free
     if needed > free:
-        raise DiskFull(
-            f"{folder}: {what} need about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free on its disk; {fix}"
-        )
+        raise DiskFull(f"{folder}: {what} need about {amount(needed)}, {amount(free)} are free on its disk; {fix}")
 
 
 def reserve(file: IO, nbytes: int, folder: Path) -> None:

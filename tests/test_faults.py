@@ -533,7 +533,7 @@ def test_a_full_disk_is_found_before_a_memory_mapped_write_not_by_sigbus(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(DiskFull, match=r"needs 0\.\d+ GiB"):
+    with pytest.raises(DiskFull, match=r"needs 64\.0 MB"):
         reserved_array(tmp_path / "volumes.npy", (64, 64, 64, 64))
     assert not (tmp_path / "volumes.npy").exists()
 
@@ -554,7 +554,7 @@ def test_a_cohort_or_samples_too_large_for_the_disk_are_refused_before_they_fill
     assert main(["train", "--data", "synth", "--out", str(run), *TRAIN]) == 0
     monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
     argv = ["sample", "--checkpoint", str(run), "--n", "5000", "--out", str(tmp_path / "s")]
-    _fails(capsys, argv, "5000 samples of 16³ need about 0.1 GiB, 0.0 GiB are free", "smaller --n")
+    _fails(capsys, argv, "5000 samples of 16³ need about 80.8 MB, 1.0 MB are free", "smaller --n")
     assert not (tmp_path / "s").exists()
 
 
