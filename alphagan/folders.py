@@ -68,16 +68,17 @@ def disk_full(folder: Path, needed: int | None = None) -> DiskFull:
     return DiskFull(f"{folder}: no space left on its disk ({amount(free)} free{need}); free some space and run again")
 
 
-def check_writable(folder: Path) -> None:
-    """Refuse, in one line and before any work, an output `folder` (made or not) where nothing can be written: a
-    system or read-only folder, or a path through a file. A file is made in its nearest existing folder and removed."""
+def check_writable(folder: Path, fix: str = "choose another --out", name: str | None = None) -> None:
+    """Refuse, in one line and before any work, an output `folder` (made or not; `name`: what the message calls it)
+    where nothing can be written: a system or read-only folder, or a path through a file, with `fix`. A file is made
+    in its nearest existing folder and removed: a real write, which a permission check would not be for root."""
     base = _existing(Path(folder))
     try:
         with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as exc:
         raise FolderRefused(
-            f"{folder}: nothing can be written in {base} ({exc.strerror or exc}); choose another --out"
+            f"{name or folder}: nothing can be written in {base} ({exc.strerror or exc}); {fix}"
         ) from None
 
 

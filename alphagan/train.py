@@ -293,10 +293,11 @@ def train(
     cfg, out = cfg.validate(), Path(out)
     device = pick_device(cfg.device)  # a device this machine lacks is refused before the run folder is made
     _check_networks_fit(cfg, device)
-    data = str(Source.parse(data))  # a cache as its absolute path: the run can be evaluated from anywhere
+    source = Source.parse(data)
+    data = str(source)  # a cache as its absolute path: the run can be evaluated from anywhere
     if resume:
         runs.check_resume_data(out, data)
-    _check_data(cfg, Source.parse(data))
+    _check_data(cfg, source)
     use_headless_backend()
     with (
         runs.claim_run(out, cfg, data, resume, overwrite, init),

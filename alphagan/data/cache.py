@@ -20,7 +20,7 @@ import torch
 from alphagan.config import SIZES
 from alphagan.data.space import normalise, synthetic_origin, to_cube
 from alphagan.data.synth import make_subject
-from alphagan.folders import atomic_folder, recover_folder, reserved_array
+from alphagan.folders import atomic_folder, check_writable, recover_folder, reserved_array
 from alphagan.progress import tqdm
 from alphagan.workers import worker_pool
 
@@ -170,8 +170,7 @@ def cache_root() -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(f"{where}: the folder for synthetic cohorts cannot be made ({exc.strerror}); {fix}") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise PermissionError(f"{where}: the folder for synthetic cohorts is read-only here; {fix}")
+    check_writable(root, fix, name=where)
     return root
 
 

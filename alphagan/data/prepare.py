@@ -159,14 +159,19 @@ OTHER_FORMATS = {".dcm": "DICOM", ".ima": "DICOM", ".nrrd": "NRRD", ".nhdr": "NR
                  ".mhd": "MetaImage", ".img": "Analyze", ".hdr": "Analyze", ".par": "Philips PAR/REC"}  # fmt: skip
 
 
+def _other_format(path: Path) -> str | None:
+    """The image format `prepare` does not read that the name of `path` says (`OTHER_FORMATS`), else None."""
+    name = path.name.lower()
+    return next((f for suffix, f in OTHER_FORMATS.items() if name.endswith(suffix)), None)
+
+
 def _format_of(path: Path) -> str | None:
     """The name of a format `prepare` does not read, judged by suffix (and DICOM's magic bytes), else None."""
     name = path.name.lower()
     if name.endswith(ARCHIVES):
         return "archive"
-    suffix = next((s for s in OTHER_FORMATS if name.endswith(s)), None)
-    if suffix:
-        return OTHER_FORMATS[suffix]
+    if other := _other_format(path):
+        return other
     try:
         with open(path, "rb") as f:
             return "DICOM" if f.read(132)[128:] == b"DICM" else None
@@ -216,8 +221,7 @@ def files_of(src: str) -> list[Path]:
 
 def unread_files(files: list[Path]) -> list[tuple[Path, str]]:
     """The files among `files` in an image format `prepare` does not read (judged by suffix), with that format."""
-    found = [(p, next((f for s, f in OTHER_FORMATS.items() if p.name.lower().endswith(s)), None)) for p in files]
-    return [(p, f) for p, f in found if f is not None and not p.name.startswith(".")]
+    return [(p, f) for p in files if (f := _other_format(p)) and not p.name.startswith(".")]
 
 
 def find_inputs(
