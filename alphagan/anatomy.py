@@ -8,6 +8,7 @@ from left-right asymmetry. Volumes are arrays of shape (S, S, S) in [-1, 1], RAS
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,10 +23,24 @@ BRAIN_THRESHOLD = -0.9  # background is -1 in prepared and generated volumes
 def brain_overlap(volumes: np.ndarray, real: np.ndarray) -> np.ndarray:
     """Dice overlap of each volume's brain (voxels above BRAIN_THRESHOLD) with the typical real brain: the voxels
     that are brain in at least half of `real`. Shapes (N, S, S, S) and (M, S, S, S); returns N values in [0, 1]."""
-    typical = (np.asarray(real) > BRAIN_THRESHOLD).mean(0) >= 0.5
-    brains = np.asarray(volumes) > BRAIN_THRESHOLD
-    common = (brains & typical).sum(axis=(1, 2, 3))
-    return 2.0 * common / (brains.sum(axis=(1, 2, 3)) + typical.sum())
+    counts = sum((np.asarray(part) > BRAIN_THRESHOLD).sum(0) for part in _chunks(real))
+    typical = counts >= 0.5 * len(real)
+    overlaps = []
+    for part in _chunks(volumes):
+        brains = np.asarray(part) > BRAIN_THRESHOLD
+        common = (brains & typical).sum(axis=(1, 2, 3))
+        overlaps.append(2.0 * common / (brains.sum(axis=(1, 2, 3)) + typical.sum()))
+    return np.concatenate(overlaps)
+
+
+CHUNK_VOXELS = 2**24  # voxels read at once (16 MiB of a boolean mask)
+
+
+def _chunks(volumes) -> Iterator:
+    """Consecutive runs of `volumes` of about `CHUNK_VOXELS` voxels in all: a memory-mapped set is read a run at a
+    time."""
+    step = max(1, CHUNK_VOXELS // int(np.prod(np.shape(volumes)[1:])))
+    return (volumes[i : i + step] for i in range(0, len(volumes), step))
 
 
 @dataclass(frozen=True)

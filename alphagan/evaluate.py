@@ -6,7 +6,9 @@ The real side is a held-out set: a prepared cache the models did not train on, o
 synthetic cohort, subjects of another seed (never the augmented training set, which is what the paper's
 numbers were computed against). Generators sample in eval mode with BatchNorm statistics recomputed on N(0, I)
 codes. Everything is written to one folder: `results.json`, `table.md`, `pca.png`, `volumes.png`,
-`nearest.png`.
+`nearest.png`. The volumes stay on disk, memory-mapped (a cache, and each generated set, written into the folder's
+staging area as it is made), and the metrics read them a block at a time: memory does not grow with `--n` but
+for the pairwise terms (`memory_needed`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from alphagan.data.cache import load_cache, read_manifest
 from alphagan.data.dataset import Source, load_training_volumes, same_data
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
 from alphagan.device import free_memory, pick_device
-from alphagan.folders import claim, staged
+from alphagan.folders import amount, check_space, claim, staged
 from alphagan.progress import tqdm
 from alphagan.runs import run_of, saved_config
-from alphagan.sampling import generate, generator_of
+from alphagan.sampling import generate_to, generator_of
 from alphagan.viz import nearest_pairs, pca_scatter, save_figure, use_headless_backend, volume_histograms
 
 HELD_OUT_SEED_OFFSET = 10_000  # synthetic held-out subjects: a cohort seed no training run uses by default
@@ -105,32 +107,40 @@ def decoy_scores(real: np.ndarray, decoy: np.ndarray, pairs: int, repetitions: i
     return {"paper_mmd": paper.mean, "kernel_mmd2": kernel, "ms_ssim": diversity}
 
 
-# What the metrics hold beyond the volumes themselves, at their peak (`bench/evaluate_memory.py` measures it): the
-# libraries' own working memory, then either the paper's MMD with four float64 blocks (a slice of each set and its
-# batches) or the Gaussian MMD with two, each block no larger than `metrics.BLOCK_BYTES` or a float64 copy of a
-# set, and its pairwise distances, 8 bytes a pair for about 2 n² pairs, with the median's copy of them.
+# What the metrics hold at their peak (`bench/evaluate_memory.py` measures it); the volumes themselves stay on disk,
+# memory-mapped (a cache, and each generated set written there as it is made), and are read a block at a time.
+# The libraries' own working memory, then either four float64 blocks (the paper's MMD: a slice of each set and its
+# batches; the distances of two blocks of volumes), each no larger than `metrics.BLOCK_BYTES` or a float64 copy of
+# a set, or two blocks and what grows with the square of n: the Gaussian MMD's pairwise distances, 8 bytes a pair
+# for about 2 n² pairs with the median's copy of them, or the PCA's Gram matrix, its eigenvectors and one product
+# with the real set per model.
 WORKSPACE = 2**28
 PAIRWISE_BYTES = 32
 
 
 def memory_needed(n: int, size: int, models: int) -> int:
-    """Bytes `evaluate` holds at once: the real set and every model's generated set (float32), and the most the
-    metrics hold besides (`WORKSPACE`, float64 blocks, and the Gaussian MMD's pairwise distances, which grow
-    with the square of `n`)."""
-    sets = (1 + models) * n * size**3 * 4
+    """Bytes `evaluate`'s metrics hold at once for `n` real and generated volumes of `size`³ and `models` models:
+    flat in n but for the pairwise terms, which grow with the square of n (0.5 GiB at n = 4096)."""
     block = min(metrics.BLOCK_BYTES, 8 * n * size**3)
-    return sets + WORKSPACE + max(4 * block, 2 * block + PAIRWISE_BYTES * n**2)
+    pairwise = max(PAIRWISE_BYTES, 8 * (2 + models)) * n**2
+    return WORKSPACE + max(4 * block, 2 * block + pairwise)
 
 
 def _check_memory(n: int, size: int, models: int = 1) -> None:
-    """Refuse an `n` whose volumes and pairwise matrices cannot fit in the memory available now, before any work."""
+    """Refuse an `n` whose pairwise matrices cannot fit in the memory available now, before any work."""
     needed, available = memory_needed(n, size, models), free_memory()
     if needed > available:
         raise MemoryError(
-            f"--n {n}: the real and {models} generated sets of {n} {size}³ volumes and the metrics (the MMD's "
-            f"{n}² pairwise distances) need {needed / 2**30:.1f} GiB of memory, {available / 2**30:.1f} GiB are "
-            f"available; give a smaller --n"
+            f"--n {n}: the metrics' {n}² pairwise distances and their working memory need {amount(needed)}, "
+            f"{amount(available)} are available; give a smaller --n"
         )
+
+
+def _check_disk(out: Path, n: int, size: int, models: int) -> None:
+    """Refuse work whose generated sets, kept on disk while `evaluate` runs, do not fit there."""
+    sets = models * n * size**3 * 4
+    what = f"the generated volumes ({models} set{'s' * (models > 1)} of {n} at {size}³, on disk while evaluate runs)"
+    check_space(out, sets + FIGURES_BYTES, what, "give a smaller --n, or an --out on a disk with more room")
 
 
 def _name(cfg: Config, taken: set[str]) -> str:
@@ -238,6 +248,7 @@ def _checked_inputs(
 
 
 EVALUATE_FILES = ("results.json", "table.md", "pca.png", "volumes.png", "nearest.png")
+FIGURES_BYTES = 2**24  # the figures and tables: a few hundred kB, counted generously
 
 
 def _evaluate(
@@ -253,8 +264,13 @@ def _evaluate(
     models = [generator_of(state, device, progress=True) for state in states]
     size = models[0][1].size  # one size for all (`evaluate`)
     _check_memory(ev.n, size, len(models))
+    _check_disk(out, ev.n, size, len(models))
+    # A stopped evaluation leaves no partial set of results, and its generated sets go with the staging folder.
     # One bar from the first second: the real side (a synthetic one is made here) is often the longest step.
-    with tqdm(total=len(models) + 1, desc="evaluate: the real side", unit="set") as bar:
+    with (
+        staged(out, list(EVALUATE_FILES)) as staging,
+        tqdm(total=len(models) + 1, desc="evaluate: the real side", unit="set") as bar,
+    ):
         real = _real_side(ev, size, training_seed=models[0][1].seed)
         m = len(real.volumes)  # the paper's B = 8 unless fewer real volumes are at hand, and no more pairs than exist
         ev = replace(ev, mmd_batch=min(ev.mmd_batch, m), pairs=min(ev.pairs, m * (m - 1) // 2))
@@ -279,7 +295,7 @@ def _evaluate(
         for checkpoint, (G, cfg, state) in zip(ev.checkpoints, models):
             name = _name(cfg, set(generated))
             bar.set_description(f"evaluate: {name}")
-            generated[name] = generate(G, m, cfg.latent, seed=ev.seed + 1)[:, 0].numpy()
+            generated[name] = generate_to(G, m, cfg.latent, staging / f"generated-{len(generated)}.npy", ev.seed + 1)
             fake_affine = cube_affine(size, state.get("fov_mm", real.fov_mm))
             shown = generated[name][: ev.n_anatomy]
             tissues[name] = [anatomy.tissue_volumes(v, fake_affine, ev.contrast) for v in shown]
@@ -292,9 +308,7 @@ def _evaluate(
                 row["frechet"] = features.frechet_feature_distance(feature_net, real.volumes, generated[name])
             results["models"][name] = row
             bar.update()
-
-    with staged(out, list(EVALUATE_FILES)) as staging:  # a stopped evaluation leaves no partial set of results
-        _figures(staging, real, generated, tissues, nearest, results, ev.seed)
+        _figures(staging, real, generated, tissues, nearest, results)
         (staging / "results.json").write_text(json.dumps(results, indent=2))
         (staging / "table.md").write_text(markdown_table(results))
     return results
@@ -434,11 +448,10 @@ def _figures(
     tissues: dict[str, list[dict[str, float]]],
     nearest: dict[str, tuple[np.ndarray, metrics.Memorisation]],
     results: dict,
-    seed: int,
 ) -> None:
     """pca.png, volumes.png and nearest.png (the first model with a training set). Saved, not shown: a notebook
     shows the files where its text introduces them."""
-    real_2d, projected, variance = metrics.pca_projection(real.volumes, generated, seed=seed)
+    real_2d, projected, variance = metrics.pca_projection(real.volumes, generated)
     results["pca_explained_variance"] = [float(v) for v in variance]
     save_figure(pca_scatter(real_2d, projected, variance), out / "pca.png")
     real_tissue = {q: [a[q] for a in real.anatomy] for q in QUANTITIES}

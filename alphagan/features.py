@@ -103,10 +103,13 @@ def load_feature_network(path: str, depth: int = 10) -> ResNet3D:
 @torch.no_grad()
 def features(net: nn.Module, volumes, batch: int = 8) -> np.ndarray:
     """Pooled features of each volume (MedicalNet expects z-scored intensities: we standardise per volume)."""
-    v = as_batch(volumes)
-    v = (v - v.mean(dim=(2, 3, 4), keepdim=True)) / v.std(dim=(2, 3, 4), keepdim=True).clamp(min=1e-6)
     device = next(net.parameters()).device
-    return torch.cat([net(v[i : i + batch].to(device)).cpu() for i in range(0, len(v), batch)]).double().numpy()
+    out = []
+    for i in range(0, len(volumes), batch):  # a batch at a time: a memory-mapped set stays on disk
+        v = as_batch(volumes[i : i + batch])
+        v = (v - v.mean(dim=(2, 3, 4), keepdim=True)) / v.std(dim=(2, 3, 4), keepdim=True).clamp(min=1e-6)
+        out.append(net(v.to(device)).cpu())
+    return torch.cat(out).double().numpy()
 
 
 def frechet_feature_distance(net: nn.Module, real, fake) -> float:

@@ -16,7 +16,7 @@ Volumes are arrays or tensors of shape (N, S, S, S) or (N, 1, S, S, S) in [-1, 1
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,16 +27,25 @@ from torch import Tensor
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in the paper's code
 
 
-BLOCK_BYTES = 2**27  # float64 working memory per block (128 MiB): the metrics widen blocks, never whole sets
+BLOCK_BYTES = 2**27  # float64 working memory per block (128 MiB): the metrics widen blocks, never whole sets, so
+# their memory does not grow with the number of volumes (only the pairwise distances of the Gaussian MMD and the
+# PCA's n x n Gram matrix do)
 
 
-def _flat(volumes) -> Tensor:
-    """Volumes as float32 rows (n, voxels), sharing memory with `volumes` where they allow it (a read-only cache is
-    copied); the metrics widen to float64 only what they reduce at once."""
-    if not isinstance(volumes, Tensor):
-        array = np.asarray(volumes, dtype=np.float32)
-        volumes = torch.from_numpy(array if array.flags.writeable and array.flags.c_contiguous else array.copy())
-    return volumes.reshape(volumes.shape[0], -1).float()
+def _matrix(volumes) -> np.ndarray | Tensor:
+    """Volumes as rows (n, voxels), a view of `volumes` (array, memory map or tensor) without a copy: the metrics
+    read it a block at a time (`_double`), so that a memory-mapped set is never held in memory whole."""
+    if isinstance(volumes, Tensor):
+        return volumes.reshape(volumes.shape[0], -1)
+    array = np.asarray(volumes)
+    return array.reshape(array.shape[0], -1)
+
+
+def _double(block: np.ndarray | Tensor) -> Tensor:
+    """A block of `_matrix` rows or columns as a float64 tensor of its own."""
+    if isinstance(block, Tensor):
+        return block.to(torch.float64, copy=True)  # callers may work in place
+    return torch.from_numpy(np.array(block, dtype=np.float64))
 
 
 def _per_block(width: int) -> int:
@@ -54,7 +63,7 @@ def as_batch(volumes) -> Tensor:
 # ------------------------------------------------------------------------------------------------ MMD
 def mmd_linear(real, fake) -> float:
     """One batch of the paper's MMD: (sum g g^T + sum r r^T - 2 sum g r^T) / B^2 on flattened volumes."""
-    r, g = _flat(real).double(), _flat(fake).double()  # one batch: small
+    r, g = _double(_matrix(real)), _double(_matrix(fake))  # one batch: small
     b = r.shape[0]
     if g.shape[0] != b:
         raise ValueError(f"the paper's MMD pairs batches of equal size, got {b} real and {g.shape[0]} generated")
@@ -74,7 +83,7 @@ class MMDResult:
 def mmd_batchwise(real, fake, batch: int = 8, repetitions: int = 100, seed: int = 0) -> MMDResult:
     """The paper's figure: shuffle, split into batches of B real and B generated volumes, average the batch MMD,
     then the mean and spread over `repetitions` shuffles. Also per voxel (divided by the voxels per volume)."""
-    r, g = _flat(real), _flat(fake)
+    r, g = _matrix(real), _matrix(fake)
     n = min(len(r), len(g)) // batch * batch
     if n == 0:
         raise ValueError(f"need at least {batch} real and {batch} generated volumes, got {len(r)} and {len(g)}")
@@ -89,9 +98,9 @@ def mmd_batchwise(real, fake, batch: int = 8, repetitions: int = 100, seed: int 
     # ||mean(g) - mean(r)||^2 per batch equals the paper's Gram-matrix formula (see the tests); summed over voxels
     # a slice at a time, in float64, so that no float64 copy of a whole set is ever made.
     sums = torch.zeros(repetitions, n // batch, dtype=torch.float64)
-    step = _per_block(n)  # voxels per slice: a float64 block of each set
+    step = _per_block(max(len(r), len(g)))  # voxels per slice: a float64 block of each set
     for start in range(0, r.shape[1], step):
-        r_part, g_part = r[:, start : start + step].double(), g[:, start : start + step].double()
+        r_part, g_part = _double(r[:, start : start + step]), _double(g[:, start : start + step])
         for k, (ri, gi) in enumerate(shuffles):
             sums[k] += (g_part[gi].mean(1) - r_part[ri].mean(1)).pow(2).sum(1)
     v = sums.mean(1).numpy()
@@ -101,26 +110,35 @@ def mmd_batchwise(real, fake, batch: int = 8, repetitions: int = 100, seed: int 
     )
 
 
-def pair_distances(a: Tensor, b: Tensor | None = None) -> np.ndarray:
-    """Euclidean distances, in float64, between every row of `a` and every row of `b`, or (`b` None) between the
-    distinct rows of `a`, each pair once; computed two blocks of rows at a time (`BLOCK_BYTES`)."""
-    within = b is None
-    b = a if within else b
-    out = np.empty(len(a) * (len(a) - 1) // 2 if within else len(a) * len(b))
-    step, filled = _per_block(a.shape[1]), 0  # rows per block
+def _distance_blocks(a, b, within: bool) -> Iterator[tuple[int, int, Tensor]]:
+    """Euclidean distances in float64 between rows of the `_matrix` views `a` and `b`, two blocks of rows at a time
+    (`BLOCK_BYTES`): (first row of a, first row of b, distances). `within` (b is a): only blocks on or above the
+    diagonal."""
+    step = _per_block(a.shape[1])  # rows per block
     for i in range(0, len(a), step):
-        a_block = a[i : i + step].double()
+        a_block = _double(a[i : i + step])
         for j in range(i if within else 0, len(b), step):
-            d = torch.cdist(a_block, b[j : j + step].double())
-            if within and i == j:  # a block with itself: the pairs (p, q) with p < q, above its diagonal
-                d = d[torch.ones(d.shape, dtype=torch.bool).triu(1)]
-            values = d.flatten().numpy()
-            out[filled : filled + len(values)] = values
-            filled += len(values)
+            yield i, j, torch.cdist(a_block, a_block if within and i == j else _double(b[j : j + step]))
+
+
+def pair_distances(a, b=None) -> np.ndarray:
+    """Euclidean distances, in float64, between every volume of `a` and every volume of `b`, or (`b` None) between
+    the distinct volumes of `a`, each pair once."""
+    within = b is None
+    a = _matrix(a)
+    b = a if within else _matrix(b)
+    out = np.empty(len(a) * (len(a) - 1) // 2 if within else len(a) * len(b))
+    filled = 0
+    for i, j, d in _distance_blocks(a, b, within):
+        if within and i == j:  # a block with itself: the pairs (p, q) with p < q, above its diagonal
+            d = d[torch.ones(d.shape, dtype=torch.bool).triu(1)]
+        values = d.flatten().numpy()
+        out[filled : filled + len(values)] = values
+        filled += len(values)
     return out
 
 
-def median_bandwidth(x: Tensor, y: Tensor) -> float:
+def median_bandwidth(x, y) -> float:
     """The median heuristic: the median distance between distinct points of the pooled sample (numpy's median,
     the mean of the two middle values for an even count; torch.median would take the lower one)."""
     return _median_of_pairs(pair_distances(x), pair_distances(y), pair_distances(x, y))
@@ -137,7 +155,7 @@ def mmd_gaussian(real, fake, bandwidth: float | None = None) -> tuple[float, flo
     Returns (MMD^2, sigma). Unbiased: the diagonal terms k(x_i, x_i) are left out of the within-sample means. The
     pairwise distances are computed once (`pair_distances`), 8 bytes a pair.
     """
-    x, y = _flat(real), _flat(fake)
+    x, y = _matrix(real), _matrix(fake)
     m, n = len(x), len(y)
     if m < 2 or n < 2:
         raise ValueError("the unbiased MMD needs at least two volumes on each side")
@@ -256,14 +274,16 @@ def diversity(
     volumes, pairs: int = 1000, seed: int = 0, settings: SSIMSettings | None = None, batch: int = 16
 ) -> tuple[float, float]:
     """Mean and standard deviation of MS-SSIM over `pairs` random pairs of distinct volumes (lower: more diverse)."""
-    v = as_batch(volumes)
-    n = len(v)
+    n = len(volumes)
     if n < 2:
         raise ValueError("diversity needs at least two volumes")
     rng = np.random.default_rng(seed)
     i = rng.integers(0, n, pairs)
     j = (i + rng.integers(1, n, pairs)) % n  # never i itself
-    scores = torch.cat([ms_ssim3d(v[i[k : k + batch]], v[j[k : k + batch]], settings) for k in range(0, pairs, batch)])
+    # Only each batch's volumes are read: a memory-mapped set stays on disk.
+    scores = torch.cat(
+        [ms_ssim3d(volumes[i[k : k + batch]], volumes[j[k : k + batch]], settings) for k in range(0, pairs, batch)]
+    )
     return float(scores.mean()), float(scores.std())
 
 
@@ -271,19 +291,37 @@ def spread(volumes) -> float:
     """How much volumes differ from each other: the standard deviation across them at each voxel, averaged over
     voxels. Divided by the same for real volumes it tells collapse apart from diversity: near 0, the generator
     makes one volume (or, for reconstructions, one volume whatever the input)."""
-    return float(_flat(volumes).double().std(0, unbiased=False).mean())
+    v = _matrix(volumes)
+    step = _per_block(len(v))  # voxels per slice
+    total = sum(float(_double(v[:, k : k + step]).std(0, unbiased=False).sum()) for k in range(0, v.shape[1], step))
+    return total / v.shape[1]
 
 
 # ------------------------------------------------------------------------------------------------ PCA
-def pca_projection(real, generated: dict[str, np.ndarray], components: int = 2, seed: int = 0):
-    """Fit PCA on the real volumes and project every set on it: (real_2d, {name: 2d}, explained variance)."""
-    from sklearn.decomposition import PCA
+def pca_projection(real, generated: dict, components: int = 2) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Fit PCA on the real volumes and project every set on it: (real_2d, {name: 2d}, explained variance ratio).
 
-    # In float32, as the volumes are: a float64 fit would hold three float64 copies of the real set at once.
-    flat = _flat(real).numpy()  # once: a read-only cache is copied to be flattened
-    pca = PCA(n_components=components, random_state=seed).fit(flat)
-    projected = {name: pca.transform(_flat(v).numpy()) for name, v in generated.items()}
-    return pca.transform(flat), projected, pca.explained_variance_ratio_
+    The PCA of n volumes of V voxels (n < V), exactly, from the n x n Gram matrix of the centred real set and the
+    generated sets' products with it, summed a slice of voxels at a time: scikit-learn's PCA would hold the whole
+    real set and a centred copy in memory. The same projections as scikit-learn's up to each axis's sign (the
+    tests); here the sign makes each axis's largest real coordinate positive."""
+    x, ys = _matrix(real), {name: _matrix(v) for name, v in generated.items()}
+    gram = torch.zeros(len(x), len(x), dtype=torch.float64)
+    cross = {name: torch.zeros(len(y), len(x), dtype=torch.float64) for name, y in ys.items()}
+    step = _per_block(len(x) + sum(len(y) for y in ys.values()))  # voxels per slice of every set at once
+    for k in range(0, x.shape[1], step):
+        part = _double(x[:, k : k + step])
+        mean = part.mean(0)
+        part -= mean
+        gram += part @ part.T
+        for name, y in ys.items():
+            cross[name] += (_double(y[:, k : k + step]) - mean) @ part.T
+    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
+    top, u = eigenvalues.flip(0)[:components].clamp(min=0), vectors.flip(1)[:, :components]
+    u = u * torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    scale = torch.where(top > 0, top.rsqrt(), torch.zeros_like(top))  # no axis where the real set has no spread
+    projected = {name: (c @ u * scale).numpy() for name, c in cross.items()}
+    return (u * top.sqrt()).numpy(), projected, (top / gram.trace()).numpy()
 
 
 def wasserstein_1d(a: Sequence[float], b: Sequence[float]) -> float:
@@ -304,16 +342,17 @@ class Memorisation:
     closer_than_heldout: float  # share of generated volumes nearer to a training volume than 95 % of held-out ones
 
 
-def nearest_neighbours(queries, reference, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(queries, reference) -> tuple[np.ndarray, np.ndarray]:
     """Per query, the root-mean-square voxel distance to its nearest reference volume, and that volume's index."""
-    q, r = _flat(queries), _flat(reference)
-    dists, idx = [], []
-    for i in range(0, len(q), batch):
-        d = torch.cdist(q[i : i + batch], r) / math.sqrt(r.shape[1])
-        best = d.min(1)
-        dists.append(best.values)
-        idx.append(best.indices)
-    return torch.cat(dists).numpy(), torch.cat(idx).numpy()
+    q, r = _matrix(queries), _matrix(reference)
+    best = torch.full((len(q),), math.inf, dtype=torch.float64)
+    index = torch.zeros(len(q), dtype=torch.long)
+    for i, j, d in _distance_blocks(q, r, within=False):
+        near = d.min(1)
+        better = near.values < best[i : i + len(d)]
+        best[i : i + len(d)] = torch.where(better, near.values, best[i : i + len(d)])
+        index[i : i + len(d)] = torch.where(better, near.indices + j, index[i : i + len(d)])
+    return (best / math.sqrt(r.shape[1])).numpy(), index.numpy()
 
 
 def memorisation(generated, training, heldout) -> Memorisation:

@@ -24,7 +24,7 @@ from alphagan.checkpoint import open_checkpoint
 from alphagan.config import Config
 from alphagan.data.space import DEFAULT_FOV_MM, GENERATED_MARK, cube_affine, write_nifti
 from alphagan.device import pick_device
-from alphagan.folders import check_space, claim, staged
+from alphagan.folders import check_space, claim, reserved_array, staged
 from alphagan.models import Generator
 from alphagan.progress import tqdm
 from alphagan.viz import cuts_grid, save_figure, use_headless_backend
@@ -100,6 +100,20 @@ def generate_batches(
 def generate(generator: nn.Module, n: int, latent: int, seed: int = 0, batch: int = 8) -> torch.Tensor:
     """n volumes (n, 1, S, S, S) on the CPU from codes z ~ N(0, I) drawn with `seed`."""
     return torch.cat(list(generate_batches(generator, n, latent, seed, batch)))
+
+
+def generate_to(generator: nn.Module, n: int, latent: int, path: Path, seed: int = 0, batch: int = 8) -> np.ndarray:
+    """`generate`'s n volumes as (n, S, S, S), written into a new .npy file at `path` as they come and returned
+    memory-mapped, read-only: memory stays flat in n (`evaluate` holds its generated sets so)."""
+    volumes, written = None, 0
+    for part in generate_batches(generator, n, latent, seed, batch):
+        if volumes is None:
+            volumes = reserved_array(path, (n, *part.shape[2:]))
+        volumes[written : written + len(part)] = part[:, 0].numpy()
+        written += len(part)
+    volumes.flush()
+    del volumes
+    return np.load(path, mmap_mode="r")
 
 
 def write_samples(

@@ -76,6 +76,7 @@ def test_evaluate_writes_table_json_and_figures(runs, tmp_path):
     assert said.split() == [w for line in conclusions(results) for w in f"- {line}".split()]
     for figure in ("pca.png", "volumes.png", "nearest.png"):
         assert (tmp_path / "eval" / figure).stat().st_size > 5000
+    assert not list((tmp_path / "eval").rglob("*.npy"))  # the generated sets, on disk while it ran, are gone
 
 
 def test_a_training_cache_on_the_real_side_is_refused(tmp_path, cohort_dir, capsys):

@@ -556,6 +556,12 @@ def test_a_cohort_or_samples_too_large_for_the_disk_are_refused_before_they_fill
     argv = ["sample", "--checkpoint", str(run), "--n", "5000", "--out", str(tmp_path / "s")]
     _fails(capsys, argv, "5000 samples of 16³ need about 80.8 MB, 1.0 MB are free", "smaller --n")
     assert not (tmp_path / "s").exists()
+    # `evaluate` keeps its generated sets on disk, memory-mapped, and counts them before it makes the real side.
+    argv = ["evaluate", "--real", "synth", "--checkpoint", str(run), "--n", "500", "--out", str(tmp_path / "e")]
+    _fails(
+        capsys, argv, "generated volumes (1 set of 500 at 16³, on disk while evaluate runs) need about 23.8 MB", "--n"
+    )
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_write_that_fails_stops_the_cohort_at_once(tmp_path, monkeypatch, capsys):
@@ -693,11 +699,11 @@ def test_sizes_that_cannot_fit_are_refused_saying_what_they_need(tmp_path, capsy
         main([*SYNTH[:3], "--size", "1000", "--out", str(tmp_path / "x")])
     assert "must be from 8 to 256" in capsys.readouterr().err
     monkeypatch.setattr(device.psutil, "virtual_memory", lambda: collections.namedtuple("m", "available")(2**30))
-    # 2 x 100 000 x 16³ float32 volumes (3.05 GiB), 0.25 GiB of workspace, two float64 blocks of 128 MiB, and
-    # 32 bytes per 100 000² pair (298.02 GiB)
-    with pytest.raises(MemoryError, match=r"--n 100000: .* need 301\.6 GiB of memory, 1\.0 GiB are available"):
+    # The volumes stay on disk: 0.25 GiB of workspace, two float64 blocks of 128 MiB, and 32 bytes per 100 000²
+    # pair (298.02 GiB)
+    with pytest.raises(MemoryError, match=r"--n 100000: .* need 298\.52 GiB, 1\.00 GiB are available"):
         evaluate._check_memory(100_000, 16)
-    evaluate._check_memory(1_000, 16)  # 31 MB, 256 MiB and four blocks of 31 MiB
+    evaluate._check_memory(1_000, 16)  # 256 MiB, two blocks of 31 MiB and 31 MB of pairwise distances
     # Networks counted before they are made: PyTorch's own words were "DefaultCPUAllocator: can't allocate memory".
     train = ["train", "--data", "synth", "--out", str(tmp_path / "r"), *TRAIN]
     _fails(capsys, [*train, "--width", "100000"], "--width 100000", "GiB, and 1.0 GiB are free", "smaller --width")
