@@ -26,6 +26,7 @@ from alphagan.checkpoint import open_checkpoint
 from alphagan.config import EVALUATE_DEFAULTS, Config
 from alphagan.data.cache import load_cache, read_manifest
 from alphagan.data.dataset import Source, load_training_volumes, same_data
+from alphagan.data.prepare import SameImages, same_image_text
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
 from alphagan.device import free_memory, pick_device
 from alphagan.folders import amount, check_space, claim, staged
@@ -360,10 +361,11 @@ def _wrong_real_side(
                 f"({shared[0].removeprefix(SYNTHETIC_MARK + ' ')}), not held out; give --real synth, or a cache of a "
                 f"cohort made with another --seed"
             )
-        if shared := _shared_inputs(source, other):
+        if shared := _shared_subjects(source, other):
             return (
-                f"--real {source}: {len(shared)} of its subjects are files the {cfg.model} run trained on (the same "
-                f"checksum in {other}, e.g. {shared[0]}), not held out; prepare the held-out cache from other subjects"
+                f"--real {source}: {len(shared)} of its subjects {'is' if len(shared) == 1 else 'are'} in {other}, "
+                f"which the {cfg.model} run trained on "
+                f"({shared[0]}), not held out; prepare the held-out cache from other subjects"
             )
         if real_kinds and learned_kinds and not real_kinds & learned_kinds:
             return (
@@ -373,13 +375,28 @@ def _wrong_real_side(
     return None
 
 
-def _shared_inputs(real: Source, training: Source) -> list[str]:
-    """The inputs of the cache `real` whose files (by checksum) the cache `training` was also prepared from, if both
-    are caches on this disk."""
+def _shared_subjects(real: Source, training: Source) -> list[str]:
+    """The subjects of the cache `real` that the cache `training` holds too, each said with how it was told: the same
+    file (by checksum), or the same image in another file (`SameImages`: saved again, with another header, scaled),
+    when both are caches on this disk."""
     if real.synthetic or training.synthetic or not (training.cache / "manifest.tsv").exists():
         return []
-    trained = {row["sha256"] for row in read_manifest(training.cache) if row.get("sha256")}
-    return [row["source"] for row in read_manifest(real.cache) if row.get("sha256") in trained]
+    trained_volumes, trained_rows, _ = load_cache(training.cache)
+    real_volumes, real_rows, _ = load_cache(real.cache)
+    files = {row["sha256"]: row["source"] for row in trained_rows if row.get("sha256")}
+    index = SameImages(trained_volumes)
+    if trained_volumes.shape[1:] == real_volumes.shape[1:]:
+        for row in range(len(trained_volumes)):
+            index.add(row)
+    shared = []
+    for row, volume in zip(real_rows, real_volumes):
+        if row.get("sha256") in files:
+            shared.append(f"{row['source']} is the same file as {files[row['sha256']]}")
+        elif index.rows and (found := index.find(volume)) is not None:
+            other, gap = found
+            how = same_image_text(gap)
+            shared.append(f"{row['source']} is the same image as {trained_rows[other]['source']} ({how})")
+    return shared
 
 
 def _memorisation(training: str, cfg: Config, generated: np.ndarray, heldout: np.ndarray) -> tuple[dict, tuple]:

@@ -104,9 +104,20 @@ def test_a_real_side_sharing_files_with_the_training_set_is_refused(tmp_path, co
     train(make_config("smoke", iters=2, device="cpu", batch=2), str(train_cache), tmp_path / "run", progress=False)
     args = ["evaluate", "--real", str(held), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e")]
     assert main([*args, "--n", "4"]) == 1
-    assert f"2 of its subjects are files the alpha-wgan-gp run trained on (the same checksum in {train_cache}" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert f"2 of its subjects are in {train_cache}, which the alpha-wgan-gp run trained on" in err
+    assert f"({tmp_path / 'b' / files[2].name} is the same file as {tmp_path / 'a' / files[2].name})" in err
+    # The same images in other files (another header text, stored as integers): not the same bytes, still refused.
+    (tmp_path / "c").mkdir()
+    for path in files[3:]:
+        image = nib.load(path)
+        image.header["descrip"] = b"held out, we hope"
+        nib.save(nib.Nifti1Image(image.get_fdata(), image.affine, image.header), tmp_path / "c" / path.name)
+    held = prepare(str(tmp_path / "c"), tmp_path / "held-c", size=16, progress=False).out
+    assert main(["evaluate", "--real", str(held), *args[3:], "--n", "4"]) == 1
+    err = capsys.readouterr().err
+    assert f"1 of its subjects is in {train_cache}" in err
+    assert f"({tmp_path / 'c' / files[3].name} is the same image as {tmp_path / 'a' / files[3].name} (" in err
 
 
 def test_table_numbers_are_plain_and_pairs_never_exceed_the_distinct_ones(runs, tmp_path):

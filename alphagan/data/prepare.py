@@ -795,36 +795,64 @@ def _signature(volume: np.ndarray) -> np.ndarray:
     return volume.reshape(8, size // 8, 8, size // 8, 8, size // 8).mean(axis=(1, 3, 5), dtype=np.float64)
 
 
-def _same_images(volumes: np.ndarray, ok: list[bool], entries: list[Entry]) -> list[tuple[str, str]]:
-    """Each image once, whatever its file: a prepared volume within `SAME_IMAGE` at every voxel of an earlier one
-    (the same scan saved again: as .nii and .nii.gz, with another header text, scaled, or as integers) is left out
-    (`ok` cleared), with the reason. Two scans of one subject, even minutes apart, differ far more. Only volumes
-    whose means and block means are that close are compared voxel by voxel."""
-    means: list[float] = []  # of the volumes kept so far, sorted, with their indices and signatures
-    kept: list[int] = []
-    signatures: list[np.ndarray] = []
-    rejected = []
-    for index, entry in enumerate(entries):
-        if not ok[index]:
-            continue
-        volume = np.asarray(volumes[index])
+class SameImages:
+    """An index of prepared volumes (`volumes`, an array or memory map of them, by row) that finds the one an image
+    is (`find`): within `SAME_IMAGE` at every voxel, as the same scan saved again is (as .nii and .nii.gz, with
+    another header text, scaled, or as integers); two scans of one subject, even minutes apart, differ far more.
+    Only volumes whose means and block means (`_signature`) are that close are compared voxel by voxel."""
+
+    def __init__(self, volumes: np.ndarray):
+        self.volumes = volumes
+        self.means: list[float] = []  # of the volumes added, sorted, with their rows and signatures
+        self.rows: list[int] = []
+        self.signatures: list[np.ndarray] = []
+
+    def add(self, row: int) -> None:
+        signature = _signature(np.asarray(self.volumes[row]))
+        at = bisect.bisect(self.means, float(signature.mean()))
+        self.means.insert(at, float(signature.mean()))
+        self.rows.insert(at, row)
+        self.signatures.insert(at, signature)
+
+    def find(self, volume: np.ndarray) -> tuple[int, float] | None:
+        """The earliest row added that is the same image as `volume`, and their largest voxel difference."""
+        volume = np.asarray(volume)
         signature = _signature(volume)
         mean = float(signature.mean())  # the volume's: its blocks are of one size
-        low, high = bisect.bisect_left(means, mean - SAME_IMAGE), bisect.bisect_right(means, mean + SAME_IMAGE)
-        near = [kept[low + i] for i, s in enumerate(signatures[low:high]) if np.abs(s - signature).max() < SAME_IMAGE]
-        for other in sorted(near):  # the earliest file is the one kept
-            gap = float(np.abs(volume - volumes[other]).max())
+        low = bisect.bisect_left(self.means, mean - SAME_IMAGE)
+        high = bisect.bisect_right(self.means, mean + SAME_IMAGE)
+        near = [
+            self.rows[low + i]
+            for i, s in enumerate(self.signatures[low:high])
+            if np.abs(s - signature).max() < SAME_IMAGE
+        ]
+        for row in sorted(near):
+            gap = float(np.abs(volume - self.volumes[row]).max())
             if gap < SAME_IMAGE:
-                how = "identical voxels" if gap == 0 else f"its voxels within {gap:.1g} of it"
-                ok[index] = False
-                reason = f"the same image as {entries[other].source} ({how}): one subject counted once"
-                rejected.append((entry.source, reason))
-                break
-        else:
-            at = bisect.bisect(means, mean)
-            means.insert(at, mean)
-            kept.insert(at, index)
-            signatures.insert(at, signature)
+                return row, gap
+        return None
+
+
+def same_image_text(gap: float) -> str:
+    """How close two volumes that are one image are."""
+    return "identical voxels" if gap == 0 else f"its voxels within {gap:.1g} of it"
+
+
+def _same_images(volumes: np.ndarray, ok: list[bool], entries: list[Entry]) -> list[tuple[str, str]]:
+    """Each image once, whatever its file: a prepared volume that is the same image as an earlier one (`SameImages`)
+    is left out (`ok` cleared), with the reason; the earliest file is the one kept."""
+    index, rejected = SameImages(volumes), []
+    for row, entry in enumerate(entries):
+        if not ok[row]:
+            continue
+        found = index.find(volumes[row])
+        if found is None:
+            index.add(row)
+            continue
+        other, gap = found
+        ok[row] = False
+        reason = f"the same image as {entries[other].source} ({same_image_text(gap)}): one subject counted once"
+        rejected.append((entry.source, reason))
     return rejected
 
 
