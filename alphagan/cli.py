@@ -20,6 +20,7 @@ from tqdm import tqdm
 from alphagan.config import (
     CONTRASTS,
     EVALUATE_DEFAULTS,
+    EVALUATE_LEAST,
     KINDS,
     LAYOUTS,
     MODELS,
@@ -223,7 +224,6 @@ def _workers(text: str) -> int:
 
 
 _positive = _at_least(1)
-_at_least_two = _at_least(2)  # a diversity score needs a pair
 
 
 def _positive_float(text: str) -> float:
@@ -325,11 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     p.add_argument(
-        "--n", type=_at_least_two, default=EVALUATE_DEFAULTS["n"], help="real and generated volumes per model"
+        "--n", type=_at_least(EVALUATE_LEAST["n"]), default=EVALUATE_DEFAULTS["n"], help="real and generated volumes"
     )
-    p.add_argument("--pairs", type=_positive, default=EVALUATE_DEFAULTS["pairs"], help="random pairs for MS-SSIM")
+    least = _at_least(EVALUATE_LEAST["pairs"])
+    p.add_argument("--pairs", type=least, default=EVALUATE_DEFAULTS["pairs"], help="random pairs for MS-SSIM")
+    least = _at_least(EVALUATE_LEAST["n_anatomy"])
     p.add_argument(
-        "--n-anatomy", type=_positive, default=EVALUATE_DEFAULTS["n_anatomy"], help="volumes segmented per model"
+        "--n-anatomy", type=least, default=EVALUATE_DEFAULTS["n_anatomy"], help="volumes segmented per model"
     )
     p.add_argument(
         "--contrast",

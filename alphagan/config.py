@@ -23,6 +23,7 @@ LAYOUTS = ("auto", "flat", "brats", "adni", "atlas", "ixi", "decathlon")  # fold
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # `evaluate`'s defaults, for its function and its command line: the paper's 512 volumes a side and MMD batch 8.
 EVALUATE_DEFAULTS: dict[str, int] = {"n": 512, "pairs": 1000, "mmd_batch": 8, "mmd_repetitions": 100, "n_anatomy": 64}
+EVALUATE_LEAST: dict[str, int] = {"n": 3, "pairs": 2, "n_anatomy": 1}  # MS-SSIM's spread needs two pairs
 
 
 @dataclass(frozen=True)

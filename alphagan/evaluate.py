@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from alphagan import anatomy, features, metrics
 from alphagan.checkpoint import open_checkpoint
-from alphagan.config import EVALUATE_DEFAULTS, Config
+from alphagan.config import EVALUATE_DEFAULTS, EVALUATE_LEAST, Config
 from alphagan.data.cache import load_cache, read_manifest
 from alphagan.data.dataset import Source, load_training_volumes, same_data
 from alphagan.data.prepare import SameImages, same_image_text
@@ -198,6 +198,9 @@ def evaluate(
 
     `contrast` (of the real side, for the tissue volumes): by default a synthetic real side's own, else t1. A real
     side that is not held out, or not the kind of data a model learned, is refused (`_wrong_real_side`)."""
+    for name, value in {"n": n, "pairs": pairs, "n_anatomy": n_anatomy}.items():
+        if value < EVALUATE_LEAST[name]:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {EVALUATE_LEAST[name]}")
     use_headless_backend()
     source = Source.parse(real)  # a bad --real is named before any model is loaded
     cache = None if source.synthetic else load_cache(source.cache)
@@ -275,6 +278,8 @@ def _evaluate(
         real = _real_side(ev, size, training_seed=models[0][1].seed)
         m = len(real.volumes)  # the paper's B = 8 unless fewer real volumes are at hand, and no more pairs than exist
         ev = replace(ev, mmd_batch=min(ev.mmd_batch, m), pairs=min(ev.pairs, m * (m - 1) // 2))
+        if note := _batch_note({"mmd_batch": ev.mmd_batch}):
+            warnings.warn(f"--n {m}:{note}", stacklevel=2)
         real.row["ms_ssim"], real.row["ms_ssim_std"] = metrics.diversity(real.volumes, ev.pairs, seed=ev.seed)
         bar.update()
         results: dict = {
@@ -551,12 +556,23 @@ def _mean_sd(mean: float, sd: float) -> str:
     return f"{plain(mean)} ± {sd:.0f}" if abs(mean) >= 100 else f"{plain(mean)} ± {sd:.2g}"
 
 
+def _batch_note(settings: dict) -> str:
+    """What the table says when its MMD was not computed over the paper's batches (`EVALUATE_DEFAULTS`)."""
+    batch = settings["mmd_batch"]
+    if batch == EVALUATE_DEFAULTS["mmd_batch"]:
+        return ""
+    return (
+        f" MMD over batches of {batch} volumes, as few as --n gave, not the paper's {EVALUATE_DEFAULTS['mmd_batch']}: "
+        f"not comparable with its Table 1."
+    )
+
+
 def markdown_table(results: dict) -> str:
     """Table 1 in the paper's form: one row per model and the real data, MMD and MS-SSIM, plus what we add; then
     the conclusions drawn from it, and the paper's own table."""
     lines = [
         f"Real side: {results['real']['data']}. Sampling: {results['sampling']}. Tissue volumes (volumes.png): "
-        f"segmented as {results['settings']['contrast']} images (--contrast).",
+        f"segmented as {results['settings']['contrast']} images (--contrast).{_batch_note(results['settings'])}",
         "",
         "| model | MMD (mean ± sd) | MMD per voxel | Gaussian MMD² | MS-SSIM | brain overlap | NN ratio | Fréchet |",
         "|---|---|---|---|---|---|---|---|",

@@ -267,3 +267,5 @@ def test_a_model_of_a_synthetic_cache_is_compared_with_its_own_kind_and_unseen_s
         assert main(["evaluate", "--real", real, *args]) == 1
         assert said in capsys.readouterr().err
     assert main(["evaluate", "--real", "synth:tumor", *args, "--n-anatomy", "2"]) == 0
+    said = "MMD over batches of 4 volumes, as few as --n gave, not the paper's 8: not comparable with its Table 1."
+    assert said in capsys.readouterr().err and said in (tmp_path / "e" / "table.md").read_text().splitlines()[0]

@@ -807,8 +807,9 @@ TRAIN_ARGV = ["train", "--data", "synth", "--out", "x"]
             for flag in ("--iters", "--log-every", "--ckpt-every")
         ],
         (["synth", "--out", "x", "--n", "0"], "--n: must be at least 1, got 0"),
-        (["evaluate", "--real", "synth", "--checkpoint", "c", "--out", "x", "--n", "-4"], "--n: must be at least 2"),
-        (["evaluate", "--real", "synth", "--checkpoint", "c", "--out", "x", "--pairs", "0"], "--pairs: must be at"),
+        # Two volumes give one pair, and one pair no spread of MS-SSIM: results.json held NaN.
+        (["evaluate", "--real", "synth", "--checkpoint", "c", "--out", "x", "--n", "2"], "--n: must be at least 3"),
+        (["evaluate", "--real", "synth", "--checkpoint", "c", "--out", "x", "--pairs", "1"], "--pairs: must be at"),
         (["evaluate", "--real", "synth", "--checkpoint", "c", "--out", "x", "--n-anatomy", "-1"], "--n-anatomy: must"),
         (["course", "--minutes", "inf"], "--minutes: must be a finite number above 0"),
         ([*TRAIN_ARGV, "--seed", "-1"], "--seed: must be a whole number from 0"),
