@@ -324,15 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a ckpt_*.pt file or a run folder; repeat for several models",
     )
     p.add_argument("--out", required=True)
-    p.add_argument(
-        "--n", type=_at_least(EVALUATE_LEAST["n"]), default=EVALUATE_DEFAULTS["n"], help="real and generated volumes"
-    )
-    least = _at_least(EVALUATE_LEAST["pairs"])
-    p.add_argument("--pairs", type=least, default=EVALUATE_DEFAULTS["pairs"], help="random pairs for MS-SSIM")
-    least = _at_least(EVALUATE_LEAST["n_anatomy"])
-    p.add_argument(
-        "--n-anatomy", type=least, default=EVALUATE_DEFAULTS["n_anatomy"], help="volumes segmented per model"
-    )
+    for key, what in (
+        ("n", "real and generated volumes per model"),
+        ("pairs", "random pairs for MS-SSIM"),
+        ("n_anatomy", "volumes segmented per model"),
+    ):
+        flag = "--" + key.replace("_", "-")
+        p.add_argument(flag, type=_at_least(EVALUATE_LEAST[key]), default=EVALUATE_DEFAULTS[key], help=what)
     p.add_argument(
         "--contrast",
         choices=CONTRASTS,

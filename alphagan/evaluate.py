@@ -369,8 +369,8 @@ def _wrong_real_side(
         if shared := _shared_subjects(source, other):
             return (
                 f"--real {source}: {len(shared)} of its subjects {'is' if len(shared) == 1 else 'are'} in {other}, "
-                f"which the {cfg.model} run trained on "
-                f"({shared[0]}), not held out; prepare the held-out cache from other subjects"
+                f"which the {cfg.model} run trained on ({shared[0]}), not held out; prepare the held-out cache from "
+                f"other subjects"
             )
         if real_kinds and learned_kinds and not real_kinds & learned_kinds:
             return (
