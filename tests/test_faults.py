@@ -683,6 +683,26 @@ def test_inputs_that_the_layout_or_modality_leave_out_are_named(tmp_path, cohort
     assert not (tmp_path / "c").exists()
 
 
+def test_scans_of_several_contrasts_never_share_a_cache(tmp_path, cohort_dir, capsys):
+    """T1 and T2 scans of the same subjects in one folder (IXI, BIDS): one cache of both trained one model on a
+    mixture, each subject counted twice. Their names say the contrast; `--modality` picks one, as a word ("t1"
+    is not part of "t1ce")."""
+    src = tmp_path / "scans"
+    src.mkdir()
+    files = sorted(cohort_dir.glob("*.nii.gz"))  # six subjects: two images of each contrast (each file differs)
+    for k, contrast in enumerate(("t1", "T2w", "t1ce")):  # a BIDS folder of *_T1w files is read as ATLAS: T1w alone
+        for subject in range(2):
+            shutil.copy(files[2 * k + subject], src / f"sub-{subject}_{contrast}.nii.gz")
+    out = str(tmp_path / "c")
+    for given in ([src], [f"{src}/*.nii.gz"]):
+        said = "holds scans of 3 contrasts by their names (2 t1, 2 t1ce, 2 t2); a cache holds one"
+        _fails(capsys, ["prepare", "--src", str(given[0]), "--out", out], said, "give --modality t1 or --modality t1ce")
+        assert not (tmp_path / "c").exists()
+    assert main(["prepare", "--src", str(src), "--out", out, "--modality", "t1", "--size", "16"]) == 0
+    rows = read_manifest(tmp_path / "c")
+    assert sorted(Path(row["source"]).name for row in rows) == ["sub-0_t1.nii.gz", "sub-1_t1.nii.gz"]
+
+
 def test_features_that_are_not_torch_weights_are_one_line(tmp_path, capsys):
     from alphagan.features import load_feature_network
 

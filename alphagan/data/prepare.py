@@ -55,6 +55,14 @@ from alphagan.workers import worker_pool
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
 DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
+# A contrast named in a file name (a word of it, BIDS or BraTS or IXI style), and the contrast it names.
+CONTRAST_WORDS = {
+    **dict.fromkeys(("t1", "t1w", "mprage"), "t1"),
+    **dict.fromkeys(("t1ce", "t1gd", "t1c"), "t1ce"),
+    **dict.fromkeys(("t2", "t2w"), "t2"),
+    **dict.fromkeys(("flair", "t2flair"), "flair"),
+    **dict.fromkeys(("pd", "pdw"), "pd"),
+}
 MAX_VOXELS = 512**3  # a header promising more is refused before its data are read (1 mm brains: about 8 M voxels)
 MIN_BRAIN_EXTENT_MM = 50.0  # a brain is at least this long on every axis (adult brains: 140-180 mm)
 MAX_BRAIN_EXTENT_MM = 400.0  # a head scan's whole field of view, neck included, is shorter than this on every axis
@@ -233,7 +241,7 @@ def find_inputs(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     files = files_of(src) if files is None else files
     if _is_pattern(src):
-        return [Entry(str(p), _stem(p), -1) for p in files if _is_image(p)]
+        return _one_contrast(src, [p for p in files if _is_image(p)], modality)
     root = Path(src)
     if root.is_file():
         if not _is_image(root):
@@ -243,7 +251,7 @@ def find_inputs(
     mod = (modality or "").lower()
     files = [p for p in files if _is_image(p)]
     if layout == "flat":
-        return [Entry(str(p), _stem(p), -1) for p in files if mod in p.name.lower()]
+        return _one_contrast(src, files, modality)
     if layout == "adni":
         return [Entry(str(p), p.parent.parent.name, -1) for p in files if p.name == "brainmask.mgz"]
     if layout == "brats":
@@ -269,6 +277,39 @@ def find_inputs(
         for p in files
         if p.parent.name == "imagesTr" and not p.name.startswith(".")
     ]
+
+
+def contrast_of(path: Path) -> str | None:
+    """The contrast a file's name says (`CONTRAST_WORDS`), or None where it says none, or more than one."""
+    said = {CONTRAST_WORDS[w] for w in re.split(r"[_\-.]", _stem(path).lower()) if w in CONTRAST_WORDS}
+    return said.pop() if len(said) == 1 else None
+
+
+def _one_contrast(src: str, files: list[Path], modality: str | None) -> list[Entry]:
+    """The entries of `files` (a flat folder or a pattern) of one contrast: `modality`'s (a contrast word, or any
+    part of a file's name), or, without it, the only contrast their names say. Scans of several contrasts in one
+    cache would train one model on a mixture, each subject counted once per contrast."""
+    mod = (modality or "").lower()
+
+    def taken(path: Path) -> bool:
+        contrast = contrast_of(path)
+        if mod in CONTRAST_WORDS and contrast is not None:  # the word itself: "t1" is not part of "t1ce"
+            return contrast == CONTRAST_WORDS[mod]
+        return mod in path.name.lower()
+
+    chosen = [p for p in files if taken(p)]
+    counts: dict[str, int] = {}
+    for p in chosen:
+        if (contrast := contrast_of(p)) is not None:
+            counts[contrast] = counts.get(contrast, 0) + 1
+    if len(counts) > 1:
+        said = ", ".join(f"{n} {c}" for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+        raise ValueError(
+            f"{src}: holds scans of {len(counts)} contrasts by their names ({said}); a cache holds one, so that a "
+            f"model learns one contrast and counts each subject once: give --modality "
+            f"{' or --modality '.join(sorted(counts))}"
+        )
+    return [Entry(str(p), _stem(p), -1) for p in chosen]
 
 
 # ---------------------------------------------------------------------------------------------- one volume
