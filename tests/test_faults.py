@@ -664,9 +664,13 @@ def test_files_of_a_format_prepare_does_not_read_beside_images_are_said_not_drop
     shutil.copytree(cohort_dir, src)
     image = nib.load(sorted(src.glob("*.nii.gz"))[0])
     nib.save(nib.Nifti1Pair(np.asarray(image.dataobj), image.affine), src / "old_scan.img")  # .img and .hdr
+    (src / "on_a_disk_not_mounted.nii.gz").symlink_to("/mnt/unmounted/sub-99_t1.nii.gz")
     assert main(["prepare", "--src", str(src), "--out", str(tmp_path / "c"), "--size", "16"]) == 0
     said = capsys.readouterr()
     assert "left out 2 file(s) in formats prepare does not read (Analyze; e.g." in said.err
+    assert (
+        f"left out 1 link(s) to files that are not there (e.g. {src / 'on_a_disk_not_mounted.nii.gz'} -> " in said.err
+    )
     assert "convert them to NIfTI (.nii.gz)" in said.err and "6 volumes written" in said.out
 
 
@@ -1437,14 +1441,16 @@ def test_worker_processes_leave_ctrl_c_to_their_parent_which_stops_at_once():
 def test_a_file_nibabel_cannot_open_is_rejected_in_our_words_with_the_fix(tmp_path, cohort_dir, capsys):
     src = tmp_path / "src"
     shutil.copytree(cohort_dir, src)
-    first, second = sorted(src.glob("*.nii.gz"))[:2]
+    first, second, third = sorted(src.glob("*.nii.gz"))[:3]
     first.write_bytes(gzip.decompress(first.read_bytes()))  # a plain .nii under a .nii.gz name
     second.write_bytes(b"")
+    third.rename(src / "compressed.nii")  # and the reverse
     assert main(["prepare", "--src", str(src), "--out", str(tmp_path / "cache"), "--size", "16"]) == 0
     said = capsys.readouterr().err
     assert f"{first.name}: named .gz but not gzip-compressed; rename it without the .gz" in said, said
     assert f"{second.name}: an empty file (0 bytes)" in said and "Error" not in said, said
-    assert len(read_manifest(tmp_path / "cache")) == 4
+    assert "compressed.nii: gzip-compressed but named .nii; rename it compressed.nii.gz" in said, said
+    assert len(read_manifest(tmp_path / "cache")) == 3
 
 
 def test_a_cache_holding_other_files_is_not_replaced_with_them(tmp_path, cohort_dir, cache, capsys):

@@ -232,6 +232,11 @@ def unread_files(files: list[Path]) -> list[tuple[Path, str]]:
     return [(p, f) for p in files if (f := _other_format(p)) and not p.name.startswith(".")]
 
 
+def broken_links(files: list[Path]) -> list[Path]:
+    """The links among `files` named as images that lead to no file (a moved or unmounted target)."""
+    return [p for p in files if p.name.lower().endswith(IMAGE_SUFFIXES) and p.is_symlink() and not p.exists()]
+
+
 def find_inputs(
     src: str, layout: str = "auto", modality: str | None = None, files: list[Path] | None = None
 ) -> list[Entry]:
@@ -350,6 +355,9 @@ def _unreadable(path: Path) -> str:
     if suffix in (".gz", ".mgz") and start != b"\x1f\x8b":
         fix = "without the .gz" if suffix == ".gz" else ".mgh"
         return f"named {path.suffix} but not gzip-compressed; rename it {fix}"
+    if suffix in (".nii", ".mgh") and start == b"\x1f\x8b":
+        fixed = path.name + ".gz" if suffix == ".nii" else path.name[:-1] + "z"  # .mgz: a compressed .mgh
+        return f"gzip-compressed but named {path.suffix}; rename it {fixed}"
     return "not a readable NIfTI/MGH image: truncated, damaged or of another format"
 
 
@@ -719,6 +727,12 @@ def prepare(
         warnings.warn(
             f"{src}: left out {len(unread)} file(s) in formats prepare does not read ({formats}; e.g. "
             f"{unread[0][0]}); convert them to NIfTI (.nii.gz) to include them",
+            stacklevel=2,
+        )
+    if broken := broken_links(files):
+        warnings.warn(
+            f"{src}: left out {len(broken)} link(s) to files that are not there (e.g. {broken[0]} -> "
+            f"{os.readlink(broken[0])}); mount or restore their targets to include them",
             stacklevel=2,
         )
     with _locked(out):
