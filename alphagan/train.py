@@ -121,13 +121,15 @@ def _all_finite(nets: dict[str, nn.Module]) -> bool:
 
 def _check_data(cfg: Config, source: Source) -> None:
     """Refuse, before the run folder is claimed, a `source` without one batch at the run's size."""
+    count = cfg.n_subjects if source.synthetic else len(load_training_volumes(source, cfg.size, cfg.n_subjects)[0])
+    if count >= cfg.batch:
+        return
+    gives = [f"--batch {count} or less"] if count >= 2 else []  # BatchNorm needs two volumes in a batch
     if source.synthetic:
-        count, fix = cfg.n_subjects, f"give --n-subjects {cfg.batch} or more, or a smaller --batch"
-    else:
-        count, fix = len(load_training_volumes(source, cfg.size, cfg.n_subjects)[0]), "prepare more subjects"
-    if count < cfg.batch:
-        fix = f"give --batch {count} or less, or {fix}" if count >= 2 else fix  # BatchNorm needs two
-        raise ValueError(f"{source}: {count} volumes, fewer than one batch (--batch {cfg.batch}); {fix}")
+        gives.append(f"--n-subjects {cfg.batch} or more")
+    fixes = [f"give {' or '.join(gives)}"] if gives else []
+    fixes += [] if source.synthetic else ["prepare more subjects"]
+    raise ValueError(f"{source}: {count} volumes, fewer than one batch (--batch {cfg.batch}); {', or '.join(fixes)}")
 
 
 def _setup(cfg: Config, data: str, out: Path, resume: bool, init: str | Path | None, progress: bool) -> Run:
