@@ -83,7 +83,7 @@ def test_timing_runs_the_models_real_updates():
         assert 0 < course_plan.seconds_per_iteration("smoke", model, 16, as_written) < float("inf")
 
 
-def test_results_page_is_written_from_a_runs_summary_with_its_figures(tmp_path):
+def test_results_page_is_written_from_a_runs_summary_with_its_figures(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "03_training").mkdir(parents=True)
     (run / "03_training" / "samples.png").write_bytes(b"\x89PNG figure")
@@ -96,3 +96,6 @@ def test_results_page_is_written_from_a_runs_summary_with_its_figures(tmp_path):
     assert (tmp_path / "docs" / "results_files" / "03_training" / "samples.png").read_bytes() == b"\x89PNG figure"
     assert page.startswith("<!-- written by `python -m alphagan results")
     assert main(["results", str(tmp_path / "nothing"), "--out", str(out)]) == 1  # no summary: one line
+    assert f"{tmp_path / 'nothing'}: no such folder; give the folder of a finished" in capsys.readouterr().err
+    assert main(["results", str(tmp_path / "docs"), "--out", str(out)]) == 1
+    assert f"{tmp_path / 'docs' / 'summary.md'}: no summary" in capsys.readouterr().err

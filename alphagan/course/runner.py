@@ -158,6 +158,8 @@ def publish(run_dir: str | Path, out: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     out = followed(out)  # the figures go beside the page a link points to
     summary = run_dir / "summary.md"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such folder; give the folder of a finished `alphagan course` run")
     if not summary.exists():
         raise FileNotFoundError(f"{summary}: no summary; give the folder of a finished `alphagan course` run")
     if out.is_dir():
