@@ -23,10 +23,10 @@ from scipy import ndimage
 
 from alphagan import anatomy, features, metrics
 from alphagan.checkpoint import open_checkpoint
-from alphagan.config import EVALUATE_DEFAULTS, EVALUATE_LEAST, Config
+from alphagan.config import CONTRASTS, EVALUATE_DEFAULTS, EVALUATE_LEAST, Config
 from alphagan.data.cache import load_cache, read_manifest
 from alphagan.data.dataset import Source, load_training_volumes, same_data
-from alphagan.data.prepare import SameImages, same_image_text
+from alphagan.data.prepare import SameImages, contrast_of, same_image_text
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
 from alphagan.device import free_memory, pick_device
 from alphagan.folders import amount, check_space, claim, staged
@@ -196,7 +196,7 @@ def evaluate(
     """Evaluate each checkpoint against held-out real data; write the figures and tables into `out` (a folder
     claimed as `alphagan.folders.claim` says: new, empty, or an earlier evaluation); return the results.
 
-    `contrast` (of the real side, for the tissue volumes): by default a synthetic real side's own, else t1. A real
+    `contrast` (of the real side, for the tissue volumes): by default its own (`named_contrast`), else t1. A real
     side that is not held out, or not the kind of data a model learned, is refused (`_wrong_real_side`)."""
     for name, value in {"n": n, "pairs": pairs, "n_anatomy": n_anatomy}.items():
         if value < EVALUATE_LEAST[name]:
@@ -206,7 +206,7 @@ def evaluate(
     cache = None if source.synthetic else load_cache(source.cache)
     held = None if cache is None else cache[2]["size"]
     opened = [open_checkpoint(c) for c in checkpoints]  # loaded once; a folder's damaged newest is passed over
-    contrast = contrast or source.contrast
+    contrast = contrast or named_contrast(source) or "t1"
     files, trained_on = _checked_inputs(source, held, opened, contrast)
     if cache is not None and n > len(cache[0]):  # fewer real volumes than asked for: every number would mean less
         raise ValueError(
@@ -338,10 +338,12 @@ def _wrong_real_side(
     """Why `source` cannot be the real side of these models, with the fix, or None. It is not held out (a model's
     training cache, or subjects of a synthetic cohort a model trained on: the same kind and seed give the same
     anatomy at any size), or it is another kind of data than a model learned (synthetic kind, contrast), or
-    `contrast` is not that of a synthetic real side. `digests`: the runs' records of their training caches, which
-    know a training cache that has since moved."""
-    if source.synthetic and contrast != source.contrast:
-        return f"--contrast {contrast}: the real side {source} is {source.contrast}; give --contrast {source.contrast}"
+    `contrast` is not the real side's own (`named_contrast`). `digests`: the runs' records of their training caches,
+    which know a training cache that has since moved."""
+    named = named_contrast(source)
+    if named is not None and contrast != named:
+        how = "" if source.synthetic else " by its file names"
+        return f"--contrast {contrast}: the real side {source} is {named}{how}; give --contrast {named}"
     training_set = (
         f"--real {source.cache}: the training set of a model, not held out; give a cache prepared from other "
         f"subjects, or --real synth for runs trained on the synthetic cohort"
@@ -358,6 +360,11 @@ def _wrong_real_side(
             return training_set
         if source.synthetic and other.synthetic and (other.kind, other.contrast) != (source.kind, source.contrast):
             return f"--real {source}: the {cfg.model} run learned {other}; compare it with --real {other}"
+        if named is not None and (learned_contrast := named_contrast(other)) not in (None, named):
+            return (
+                f"--real {source}: holds {named} scans, and the {cfg.model} run learned {learned_contrast} ones "
+                f"({other}); compare it with scans of the contrast it learned"
+            )
         learned = _cohorts(other, cfg.seed)
         learned_kinds = _kinds(learned)
         if shared := sorted(real & learned):
@@ -378,6 +385,18 @@ def _wrong_real_side(
                 f"learned {'/'.join(sorted(learned_kinds))} ones ({other}); compare it with data of its own kind"
             )
     return None
+
+
+def named_contrast(source: Source) -> str | None:
+    """The contrast of a source's scans, if it is one `evaluate` segments (`CONTRASTS`): a synthetic cohort's own,
+    or the one that the file names of a cache's inputs all say (`prepare.contrast_of`); None where they say none
+    or several (a cache records no contrast of its own)."""
+    if source.synthetic:
+        return source.contrast
+    if not (source.cache / "manifest.tsv").exists():
+        return None
+    said = {contrast_of(Path(row["source"])) for row in read_manifest(source.cache)}
+    return said.pop() if len(said) == 1 and said <= set(CONTRASTS) else None
 
 
 def _shared_subjects(real: Source, training: Source) -> list[str]:

@@ -269,3 +269,29 @@ def test_a_model_of_a_synthetic_cache_is_compared_with_its_own_kind_and_unseen_s
     assert main(["evaluate", "--real", "synth:tumor", *args, "--n-anatomy", "2"]) == 0
     said = "MMD over batches of 4 volumes, as few as --n gave, not the paper's 8: not comparable with its Table 1."
     assert said in capsys.readouterr().err and said in (tmp_path / "e" / "table.md").read_text().splitlines()[0]
+
+
+def test_a_real_side_of_another_contrast_is_refused_and_a_caches_own_contrast_is_the_default(tmp_path, capsys):
+    """A cache records no contrast, but the file names of its scans say it (sub-normal0000_t2.nii.gz): a model of
+    T1 scans is not compared with T2 ones, and T2 scans are segmented as T2 without --contrast."""
+    caches = {
+        (contrast, seed): prepare(
+            str(make_cohort(tmp_path / f"{contrast}-{seed}", 4, size=16, contrast=contrast, seed=seed, progress=False)),
+            tmp_path / f"cache-{contrast}-{seed}",
+            size=16,
+            progress=False,
+        ).out
+        for contrast, seed in (("t1", 1), ("t2", 2), ("t2", 3))
+    }
+    cfg = make_config("smoke", iters=2, device="cpu", batch=2)
+    train(cfg, str(caches["t1", 1]), tmp_path / "t1 run", progress=False)
+    train(cfg, str(caches["t2", 2]), tmp_path / "t2 run", progress=False)
+    args = ["--out", str(tmp_path / "e"), "--n", "4", "--pairs", "6", "--n-anatomy", "2"]
+    assert main(["evaluate", "--real", str(caches["t2", 3]), "--checkpoint", str(tmp_path / "t1 run"), *args]) == 1
+    said = f"holds t2 scans, and the alpha-wgan-gp run learned t1 ones ({caches['t1', 1]})"
+    assert said in capsys.readouterr().err
+    t2_run = ["evaluate", "--real", str(caches["t2", 3]), "--checkpoint", str(tmp_path / "t2 run"), *args]
+    assert main([*t2_run, "--contrast", "t1"]) == 1
+    assert "--contrast t1: the real side" in (err := capsys.readouterr().err) and "is t2 by its file names; give" in err
+    assert main(t2_run) == 0
+    assert "segmented as t2 images (--contrast)" in (tmp_path / "e" / "table.md").read_text()
