@@ -410,7 +410,8 @@ def _shared_subjects(real: Source, training: Source) -> list[str]:
     files = {row["sha256"]: row["source"] for row in trained_rows if row.get("sha256")}
     index = SameImages(trained_volumes)
     if trained_volumes.shape[1:] == real_volumes.shape[1:]:
-        for row in range(len(trained_volumes)):
+        what = f"looking for its subjects in {training.cache}"
+        for row in tqdm(range(len(trained_volumes)), desc=what, unit="volume", delay=1.0, leave=False):
             index.add(row)
     shared = []
     for row, volume in zip(real_rows, real_volumes):

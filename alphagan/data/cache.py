@@ -143,7 +143,9 @@ def _check_intensities(path: Path, volumes: np.ndarray, manifest: list[dict], ch
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if key in _CHECKED:
         return
-    for start in range(0, len(volumes), chunk):
+    # A bar once the check takes a second: a large cache at 128³ is gigabytes read.
+    starts = tqdm(range(0, len(volumes), chunk), desc=f"checking {path}", unit="chunk", delay=1.0, leave=False)
+    for start in starts:
         block = np.asarray(volumes[start : start + chunk]).reshape(min(chunk, len(volumes) - start), -1)
         finite = np.isfinite(block).all(axis=1)
         low, high = block.min(axis=1), block.max(axis=1)
