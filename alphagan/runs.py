@@ -200,6 +200,27 @@ def differing(saved: Config, cfg: Config, keys: tuple[str, ...]) -> list[str]:
     return [k for k in keys if getattr(saved, k) != getattr(cfg, k)]
 
 
+def _check_same_run(saved: Config, cfg: Config, where: Path) -> None:
+    """Refuse to continue a run saved (`where`: in a checkpoint or config.json) with `saved` as `cfg`, where they
+    differ in a setting that defines the run (`RUN_DEFINING`)."""
+    changed = differing(saved, cfg, RUN_DEFINING)
+    if changed:
+        raise ValueError(
+            f"{where}: saved with different {', '.join(changed)} "
+            f"({', '.join(f'{getattr(saved, k)} != {getattr(cfg, k)}' for k in changed)}); leave out --profile and "
+            f"those flags to resume with the run's own settings, or train into a new --out"
+        )
+
+
+def check_resume_settings(out: Path, cfg: Config) -> None:
+    """Refuse `--resume` with settings that differ from the run's (its config.json, or its newest checkpoint), before
+    any work: a synthetic cohort at another size took seconds to minutes to make before `restore` refused it."""
+    settings = run_settings(out)
+    if settings is not None:
+        where = out / CONFIG if (out / CONFIG).exists() else checkpoints_of(out)
+        _check_same_run(settings[0], cfg, where)
+
+
 def load_init(init: str | Path, cfg: Config, nets) -> Path:
     """Load the network weights of checkpoint `init` (a file or a folder: its newest) into `nets`; returns the
     checkpoint's absolute path. Its networks must have the shapes of `cfg`'s."""
@@ -222,14 +243,7 @@ def restore(
 ) -> int:
     """Load a checkpoint's networks, optimisers and random states (this rank's) to continue `cfg`; returns its
     iteration. Refused when the checkpoint was saved with other run-defining settings."""
-    saved = Config.from_dict(state["config"])
-    changed = differing(saved, cfg, RUN_DEFINING)
-    if changed:
-        raise ValueError(
-            f"{path}: saved with different {', '.join(changed)} "
-            f"({', '.join(f'{getattr(saved, k)} != {getattr(cfg, k)}' for k in changed)}); leave out --profile and "
-            f"those flags to resume with the run's own settings, or train into a new --out"
-        )
+    _check_same_run(Config.from_dict(state["config"]), cfg, path)
     if state["iter"] > cfg.iters:
         raise ValueError(
             f"{path}: the run is at iteration {state['iter']}, beyond --iters {cfg.iters}; give --iters "

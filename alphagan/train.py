@@ -299,6 +299,7 @@ def train(
     data = str(source)  # a cache as its absolute path: the run can be evaluated from anywhere
     if resume:
         runs.check_resume_data(out, data)
+        runs.check_resume_settings(out, cfg)
     _check_data(cfg, source)
     use_headless_backend()
     with (

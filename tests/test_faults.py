@@ -1389,6 +1389,12 @@ def test_a_run_stopped_by_ctrl_c_names_its_checkpoint_and_resumes_with_its_own_s
     _fails(capsys, none, "--data is needed")
     _fails(capsys, ["train", "--out", str(run), "--resume", "--model", "vae-gan"], "saved with different model")
     assert not (tmp_path / "none").exists()
+    # Refused before any work: a synthetic cohort at the other size was made first (seconds to minutes).
+    from alphagan.data import dataset
+
+    monkeypatch.setattr(dataset, "synthetic_cache", lambda *a, **k: pytest.fail("a cohort made for a refused run"))
+    argv = ["train", "--out", str(run), "--resume", "--data", "synth", "--size", "32"]
+    _fails(capsys, argv, f"{run / 'config.json'}: saved with different size (16 != 32)")
 
 
 def test_other_commands_stopped_by_ctrl_c_keep_what_they_had_finished(tmp_path, cohort_dir, cache, capsys, monkeypatch):
