@@ -24,7 +24,7 @@ from scipy import ndimage
 from alphagan import anatomy, features, metrics
 from alphagan.checkpoint import open_checkpoint
 from alphagan.config import CONTRASTS, EVALUATE_DEFAULTS, EVALUATE_LEAST, Config
-from alphagan.data.cache import load_cache, read_manifest
+from alphagan.data.cache import Settings, load_cache, read_manifest, read_settings
 from alphagan.data.dataset import Source, load_training_volumes, same_data
 from alphagan.data.prepare import SameImages, contrast_of, same_image_text
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
@@ -360,6 +360,13 @@ def _wrong_real_side(
             return training_set
         if source.synthetic and other.synthetic and (other.kind, other.contrast) != (source.kind, source.contrast):
             return f"--real {source}: the {cfg.model} run learned {other}; compare it with --real {other}"
+        if (ours := _preparation(source)) != (theirs := _preparation(other)):
+            said = ", ".join(f"{k} {ours[k]}" for k in ours if ours[k] != theirs[k])
+            learned = ", ".join(f"{k} {theirs[k]}" for k in ours if ours[k] != theirs[k])
+            return (
+                f"--real {source}: prepared with {said}, and the data the {cfg.model} run learned ({other}) with "
+                f"{learned}; prepare the held-out cache as that data was{' (--stretch)' * bool(theirs['stretch'])}"
+            )
         if named is not None and (learned_contrast := named_contrast(other)) not in (None, named):
             return (
                 f"--real {source}: holds {named} scans, and the {cfg.model} run learned {learned_contrast} ones "
@@ -385,6 +392,16 @@ def _wrong_real_side(
                 f"learned {'/'.join(sorted(learned_kinds))} ones ({other}); compare it with data of its own kind"
             )
     return None
+
+
+PREPARATION = ("stretch", "percentile")  # the `Settings` that change what a prepared volume looks like, but size
+
+
+def _preparation(source: Source) -> dict:
+    """How a source's volumes were prepared (`PREPARATION`): a cache's settings.json, or for the synthetic cohort
+    the defaults it is made with."""
+    settings = asdict(Settings()) if source.synthetic else read_settings(source.cache)
+    return {k: settings.get(k) for k in PREPARATION}
 
 
 def named_contrast(source: Source) -> str | None:

@@ -295,3 +295,20 @@ def test_a_real_side_of_another_contrast_is_refused_and_a_caches_own_contrast_is
     assert "--contrast t1: the real side" in (err := capsys.readouterr().err) and "is t2 by its file names; give" in err
     assert main(t2_run) == 0
     assert "segmented as t2 images (--contrast)" in (tmp_path / "e" / "table.md").read_text()
+
+
+def test_a_real_side_prepared_another_way_than_the_training_data_is_refused(tmp_path, capsys):
+    """Stretched to the cube (--stretch) or padded: the same brains in other shapes, which every metric would count
+    as the model's error."""
+    held = prepare(
+        str(make_cohort(tmp_path / "held", 4, size=16, seed=7, progress=False)),
+        tmp_path / "held-stretched",
+        size=16,
+        stretch=True,
+        progress=False,
+    ).out
+    train(make_config("smoke", iters=2, device="cpu", batch=2), "synth", tmp_path / "run", progress=False)
+    args = ["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e"), "--n", "4", "--pairs", "6"]
+    assert main(["evaluate", "--real", str(held), *args]) == 1
+    said = "prepared with stretch True, and the data the alpha-wgan-gp run learned (synth:normal:t1) with stretch False"
+    assert said in capsys.readouterr().err
