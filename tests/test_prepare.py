@@ -125,7 +125,11 @@ def _bad_inputs(folder):
     nan = data.copy()
     nan[30, 30, 30] = np.nan
     save(nan, folder / "nan.nii.gz", affine)
-    expected["nan.nii.gz"] = "NaN or infinite"
+    expected["nan.nii.gz"] = "1 voxels are NaN within the image (a NaN background, reaching the image's edge, is read"
+    infinite = data.copy()
+    infinite[0, 0, 0] = np.inf
+    save(infinite, folder / "infinite.nii.gz", affine)
+    expected["infinite.nii.gz"] = "1 voxels are infinite; fill them"
     save(np.zeros_like(data), folder / "zeros.nii.gz", affine)
     expected["zeros.nii.gz"] = "all-zero"
     save(np.full_like(data, 7.0), folder / "constant.nii.gz", affine)
@@ -153,6 +157,17 @@ def test_every_bad_input_is_rejected_with_its_reason_and_good_files_are_kept(tmp
     assert len(manifest[0]["sha256"]) == 64
     rejected = (tmp_path / "cache" / "rejected.tsv").read_text()
     assert "truncated.nii.gz" in rejected
+
+
+def test_a_nan_background_is_read_as_zero(tmp_path):
+    """FSL and SPM write masked images with NaN outside the brain: the same scan as with a zero background. NaN that
+    does not reach the image's edge is a hole in the image, refused (`_bad_inputs`)."""
+    data, affine = brain_like()
+    save(data, tmp_path / "zero.nii.gz", affine)
+    save(np.where(data > 0, data, np.nan).astype(np.float32), tmp_path / "nan.nii.gz", affine)
+    zero, _ = prep.preprocess(tmp_path / "zero.nii.gz", Settings(size=32))
+    nan, _ = prep.preprocess(tmp_path / "nan.nii.gz", Settings(size=32))
+    np.testing.assert_array_equal(nan, zero)
 
 
 def test_command_exit_status(tmp_path):

@@ -33,6 +33,7 @@ import nibabel as nib
 import nibabel.affines
 import nibabel.processing
 import numpy as np
+from scipy import ndimage
 
 from alphagan.config import LAYOUTS, SIZES, check
 from alphagan.data.cache import CACHE_FILES, Entry, Settings, read_manifest, write_cache_tables
@@ -380,9 +381,12 @@ def load_ras(path: str | Path, channel: int = -1) -> tuple[np.ndarray, np.ndarra
     elif len(img.shape) == 4 and shape[3] == 1:
         img = img.slicer[..., 0]
     elif len(img.shape) == 4:
-        raise InputError(f"4-D image with {shape[3]} volumes (shape {shape}); one 3-D volume expected")
+        raise InputError(
+            f"4-D image with {shape[3]} volumes (shape {shape}); one 3-D volume expected: save the one to use as its "
+            f"own file (Decathlon's 4-D images: --layout decathlon)"
+        )
     if len(img.shape) != 3 or min(img.shape) < 2:
-        raise InputError(f"not a 3-D volume (shape {shape})")
+        raise InputError(f"not a 3-D volume (shape {shape}): a slice or a picture; give the whole 3-D scan")
     if int(np.prod(img.shape, dtype=np.int64)) > MAX_VOXELS:
         raise InputError(f"its header says {img.shape} voxels, above the limit of {MAX_VOXELS:,} (512³)")
     _check_affine(img, repaired)
@@ -473,11 +477,35 @@ def generated_reason(path: str | Path, descrip: str | None = None) -> str | None
     return None
 
 
+def nan_background(data: np.ndarray) -> np.ndarray:
+    """`data` with a NaN background set to 0: NaN voxels that all reach the image's edge through NaN, as masked images
+    from FSL or SPM hold them outside the brain. NaN elsewhere (holes in the brain), or an infinite voxel, is left
+    for `check_volume` to refuse."""
+    missing = np.isnan(data)
+    if not missing.any():
+        return data
+    labels, _ = ndimage.label(missing)
+    edge = np.unique(np.concatenate([labels[i].ravel() for i in _faces(data.ndim)]))
+    if np.isin(labels, edge[edge > 0], invert=True)[missing].any():  # a NaN that does not reach the edge
+        return data
+    return np.where(missing, np.float32(0), data)
+
+
+def _faces(ndim: int) -> list[tuple]:
+    """Index tuples of the first and last slice along each axis."""
+    return [tuple([slice(None)] * axis + [end]) for axis in range(ndim) for end in (0, -1)]
+
+
 def check_volume(data: np.ndarray, spacing: np.ndarray) -> None:
     """Raise InputError if the voxels cannot be a brain volume."""
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise InputError(f"{bad} voxels are NaN or infinite")
+    infinite, missing = int(np.count_nonzero(np.isinf(data))), int(np.count_nonzero(np.isnan(data)))
+    if infinite:
+        raise InputError(f"{infinite} voxels are infinite; fill them with finite values, or leave the file out")
+    if missing:
+        raise InputError(
+            f"{missing} voxels are NaN within the image (a NaN background, reaching the image's edge, is read as 0); "
+            f"fill them, or leave the file out"
+        )
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:
         raise InputError("all-zero volume" if hi == 0 else f"constant volume (every voxel is {hi:g})")
@@ -585,6 +613,7 @@ def preprocess(
     data, spacing = load_ras(path, channel)
     if generated:
         data = np.where(data > GENERATED_BACKGROUND, (data + 1) / 2, 0).astype(np.float32)
+    data = nan_background(data)
     check_volume(data, spacing)
     check_resolution(data, spacing, settings)
     _check_not_labels(data)
