@@ -312,3 +312,16 @@ def test_a_real_side_prepared_another_way_than_the_training_data_is_refused(tmp_
     assert main(["evaluate", "--real", str(held), *args]) == 1
     said = "prepared with stretch True, and the data the alpha-wgan-gp run learned (synth:normal:t1) with stretch False"
     assert said in capsys.readouterr().err
+
+
+def test_a_generator_of_background_alone_is_evaluated_and_not_judged(runs, tmp_path, capsys):
+    """A collapsed generator (every voxel -1): its volumes have no tissue to segment, which stopped `evaluate`."""
+    state = torch.load(runs / "alpha-wgan-gp" / "checkpoints" / "ckpt_00000002.pt", weights_only=False)
+    state["nets"]["G"]["net.6.weight"].fill_(-10.0)  # the last convolution, after a ReLU: tanh gives -1
+    torch.save(state, tmp_path / "ckpt_00000002.pt")
+    args = ["evaluate", "--real", "synth", "--checkpoint", str(tmp_path / "ckpt_00000002.pt"), "--n", "8"]
+    assert main([*args, "--out", str(tmp_path / "e"), "--pairs", "10", "--n-anatomy", "2"]) == 0
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    row = results["models"]["alpha-wgan-gp z16"]
+    assert row["brain_overlap"] == 0 and row["anatomy"]["gm_ml"] == 0 and not row["brain_shaped"]
+    assert "not judged: its volumes are not brain-shaped yet" in (tmp_path / "e" / "table.md").read_text()

@@ -199,6 +199,17 @@ def _leaves(value) -> list:
     return [np.asarray(value, dtype=np.float64)]
 
 
+def test_a_volume_without_brain_has_no_tissue_rather_than_stopping_an_evaluation():
+    """An early or collapsed generator's volume of background: `evaluate` measured it and stopped, in a library's
+    words ("fewer than 30 brain voxels")."""
+    affine = cube_affine(16, 160.0)  # 10 mm voxels: 1 mL each
+    background = np.full((16, 16, 16), -1.0, dtype=np.float32)
+    background[0, 0, :5] = 0.5  # five voxels above the threshold
+    assert anatomy.tissue_volumes(background, affine) == pytest.approx(
+        {"brain_ml": 5.0, "gm_ml": 0.0, "wm_ml": 0.0, "csf_ml": 0.0}
+    )
+
+
 def test_segmentation_recovers_the_synthetic_cohorts_volumes():
     """On the synthetic cohort the ground truth is known: the mixture model's volumes must be close to it."""
     from alphagan.data.synth import make_subject
