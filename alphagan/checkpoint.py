@@ -83,7 +83,10 @@ def save_checkpoint(directory: str | Path, iteration: int, state: dict, keep: in
     except RuntimeError as exc:  # torch's writer reports a short write as "unexpected pos ..."
         if shutil.disk_usage(path.parent).free < FULL_BELOW:
             raise disk_full(path.parent) from None
-        raise RuntimeError(f"{path}: the checkpoint could not be written ({exc})") from None
+        raise RuntimeError(
+            f"{path}: the checkpoint could not be written ({exc}); check that {path.parent} is on a disk that can be "
+            f"written, and resume (--resume)"
+        ) from None
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink()
     return path
@@ -125,7 +128,8 @@ def load_checkpoint(path: str | Path, iteration: int | None = None, map_location
     except Exception as exc:  # truncated zip, foreign pickle, not a file torch wrote
         # torch's own message suggests weights_only=False, which would run the file's code: not repeated here.
         raise ValueError(
-            f"{path}: not a loadable alphagan checkpoint ({type(exc).__name__}): truncated, or not written by alphagan"
+            f"{path}: not a loadable alphagan checkpoint ({type(exc).__name__}): truncated, or not written by "
+            f"alphagan; give another checkpoint, or the run folder (its newest loadable one is used)"
         ) from None
     missing = {"config", "iter", "nets", "fov_mm"} - set(state) if isinstance(state, dict) else {"config"}
     if missing:

@@ -137,7 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except SettingError as exc:  # named as the user typed it
         raise ValueError(f"--{exc.name.replace('_', '-')} {exc.rule}") from None
     if args.lambda_rec is not None and cfg.model == "wgan-gp":  # it would be recorded, and do nothing
-        raise ValueError("--lambda-rec weighs a reconstruction, and a wgan-gp has no encoder to reconstruct with")
+        raise ValueError(
+            "--lambda-rec weighs a reconstruction, and a wgan-gp has no encoder to reconstruct with; leave it out"
+        )
     try:
         result = train(cfg, data, args.out, resume=args.resume, overwrite=args.overwrite, init=args.init)
     except TrainingDiverged as exc:

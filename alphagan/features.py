@@ -75,6 +75,9 @@ class ResNet3D(nn.Module):
         return x.mean(dim=(2, 3, 4))
 
 
+MEDICALNET = "give MedicalNet's resnet_10.pth (Tencent/MedicalNet), or leave out --features"
+
+
 def load_feature_network(path: str, depth: int = 10) -> ResNet3D:
     """A ResNet3D with weights from `path` (a MedicalNet checkpoint or a plain state dict), read with
     weights_only=True. Keys of MedicalNet's DataParallel checkpoints ('module.' prefix) are accepted."""
@@ -82,21 +85,22 @@ def load_feature_network(path: str, depth: int = 10) -> ResNet3D:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"--features {path}: no such file; give MedicalNet's resnet_10.pth, or leave it out"
-        ) from None
+        raise FileNotFoundError(f"--features {path}: no such file; {MEDICALNET}") from None
     except Exception as exc:  # not a torch file, or one that needs unpickling code (which is never run here)
-        raise ValueError(f"{path}: not a file of PyTorch weights that loads safely ({type(exc).__name__})") from None
+        raise ValueError(
+            f"{path}: not a file of PyTorch weights that loads safely ({type(exc).__name__}); {MEDICALNET}"
+        ) from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a dict of weights")
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a dict of weights; {MEDICALNET}")
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         missing, _ = net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise ValueError(f"{path}: not a 3D ResNet-{depth} checkpoint ({str(exc).splitlines()[-1].strip()})") from None
+        detail = str(exc).splitlines()[-1].strip()
+        raise ValueError(f"{path}: not a 3D ResNet-{depth} checkpoint ({detail}); {MEDICALNET}") from None
     if missing:
-        raise ValueError(f"{path}: not a 3D ResNet-{depth} checkpoint; missing {missing[:5]}")
+        raise ValueError(f"{path}: not a 3D ResNet-{depth} checkpoint (missing {missing[:5]}); {MEDICALNET}")
     return net.eval()
 
 

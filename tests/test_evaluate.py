@@ -234,7 +234,9 @@ def test_a_synthetic_real_side_of_another_kind_contrast_or_seed_is_refused(runs,
 def test_a_missing_feature_network_is_refused_before_any_work(runs, tmp_path, capsys):
     argv = ["evaluate", "--real", "synth", "--checkpoint", str(runs / "vae-gan"), "--out", str(tmp_path / "e")]
     assert main([*argv, "--features", str(tmp_path / "resnet_10.pth")]) == 1
-    assert capsys.readouterr().err.endswith("no such file; give MedicalNet's resnet_10.pth, or leave it out\n")
+    assert capsys.readouterr().err.endswith(
+        "no such file; give MedicalNet's resnet_10.pth (Tencent/MedicalNet), or leave out --features\n"
+    )
     assert not (tmp_path / "e").exists()
 
 

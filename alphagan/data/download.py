@@ -73,15 +73,16 @@ def fetch(url: str, dest: str | Path, md5: str | None = None, progress: bool = T
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    by_hand = f"download it yourself (a browser, another --url) to {dest} and run again"
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # the partial file is already complete
             response = None
         else:
-            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; {by_hand}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise DownloadError(f"{url}: cannot connect ({exc})") from None
+        raise DownloadError(f"{url}: cannot connect ({exc}); check the connection, or {by_hand}") from None
     if response is not None:
         with response:
             resumed = response.status == 206
