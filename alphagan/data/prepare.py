@@ -58,10 +58,10 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
 DECATHLON_CHANNELS = {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
 # A contrast named in a file name (a word of it, BIDS or BraTS or IXI style), and the contrast it names.
 CONTRAST_WORDS = {
-    **dict.fromkeys(("t1", "t1w", "mprage"), "t1"),
+    **dict.fromkeys(("t1", "t1w", "t1n", "mprage"), "t1"),  # t1n, t1c, t2w, t2f: BraTS 2023's names
     **dict.fromkeys(("t1ce", "t1gd", "t1c"), "t1ce"),
     **dict.fromkeys(("t2", "t2w"), "t2"),
-    **dict.fromkeys(("flair", "t2flair"), "flair"),
+    **dict.fromkeys(("flair", "t2flair", "t2f"), "flair"),
     **dict.fromkeys(("pd", "pdw"), "pd"),
 }
 MAX_VOXELS = 512**3  # a header promising more is refused before its data are read (1 mm brains: about 8 M voxels)
