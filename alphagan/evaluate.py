@@ -26,7 +26,7 @@ from alphagan.checkpoint import open_checkpoint
 from alphagan.config import CONTRASTS, EVALUATE_DEFAULTS, EVALUATE_LEAST, Config
 from alphagan.data.cache import Settings, load_cache, read_manifest, read_settings
 from alphagan.data.dataset import Source, load_training_volumes, same_data
-from alphagan.data.prepare import SameImages, contrast_of, same_image_text
+from alphagan.data.prepare import SameImages, contrasts_of, same_image_text
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
 from alphagan.device import free_memory, pick_device
 from alphagan.folders import amount, check_space, claim, staged
@@ -412,7 +412,7 @@ def named_contrast(source: Source) -> str | None:
         return source.contrast
     if not (source.cache / "manifest.tsv").exists():
         return None
-    said = {contrast_of(Path(row["source"])) for row in read_manifest(source.cache)}
+    said = set(contrasts_of([Path(row["source"]) for row in read_manifest(source.cache)]))
     return said.pop() if len(said) == 1 and said <= set(CONTRASTS) else None
 
 

@@ -705,6 +705,12 @@ def test_scans_of_several_contrasts_never_share_a_cache(tmp_path, cohort_dir, ca
     assert main(["prepare", "--src", str(src), "--out", out, "--modality", "t1", "--size", "16"]) == 0
     rows = read_manifest(tmp_path / "c")
     assert sorted(Path(row["source"]).name for row in rows) == ["sub-0_t1.nii.gz", "sub-1_t1.nii.gz"]
+    # A cache of several contrasts, as prepare made them before it refused them, is refused by train.
+    manifest = tmp_path / "c" / "manifest.tsv"
+    manifest.write_text(manifest.read_text().replace("sub-1_t1.nii.gz", "sub-1_T2w.nii.gz"))
+    argv = ["train", "--data", out, "--out", str(tmp_path / "run"), *TRAIN]
+    _fails(capsys, argv, "holds scans of 2 contrasts by their names (1 t1, 1 t2), and a model learns one; prepare")
+    assert not (tmp_path / "run").exists()
 
 
 def test_features_that_are_not_torch_weights_are_one_line(tmp_path, capsys):

@@ -16,6 +16,7 @@ replaced only when a run completes. `prepare` writes only into a folder that is 
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import glob
 import hashlib
@@ -304,18 +305,27 @@ def _one_contrast(src: str, files: list[Path], modality: str | None) -> list[Ent
         return mod in path.name.lower()
 
     chosen = [p for p in files if taken(p)]
-    counts: dict[str, int] = {}
-    for p in chosen:
-        if (contrast := contrast_of(p)) is not None:
-            counts[contrast] = counts.get(contrast, 0) + 1
-    if len(counts) > 1:
-        said = ", ".join(f"{n} {c}" for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    if mixed := mixed_contrasts(chosen):
         raise ValueError(
-            f"{src}: holds scans of {len(counts)} contrasts by their names ({said}); a cache holds one, so that a "
-            f"model learns one contrast and counts each subject once: give --modality "
-            f"{' or --modality '.join(sorted(counts))}"
+            f"{src}: holds {mixed}; a cache holds one, so that a model learns one contrast and counts each subject "
+            f"once: give --modality {' or --modality '.join(sorted(filter(None, contrasts_of(chosen))))}"
         )
     return [Entry(str(p), _stem(p), -1) for p in chosen]
+
+
+def contrasts_of(paths: list[Path]) -> collections.Counter:
+    """How many of `paths` each contrast names (`contrast_of`; None: no contrast said)."""
+    return collections.Counter(contrast_of(p) for p in paths)
+
+
+def mixed_contrasts(paths: list[Path]) -> str | None:
+    """What `paths` hold when their names say more than one contrast ("scans of 2 contrasts by their names (3 t1,
+    3 t2)"), else None."""
+    counts = {c: n for c, n in contrasts_of(paths).items() if c is not None}
+    if len(counts) < 2:
+        return None
+    said = ", ".join(f"{n} {c}" for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return f"scans of {len(counts)} contrasts by their names ({said})"
 
 
 # ---------------------------------------------------------------------------------------------- one volume
