@@ -297,6 +297,13 @@ def test_a_real_side_of_another_contrast_is_refused_and_a_caches_own_contrast_is
     assert "--contrast t1: the real side" in (err := capsys.readouterr().err) and "is t2 by its file names; give" in err
     assert main(t2_run) == 0
     assert "segmented as t2 images (--contrast)" in (tmp_path / "e" / "table.md").read_text()
+    # A held-out cache of two contrasts (made before prepare refused them) would be segmented as one.
+    manifest = caches["t2", 3] / "manifest.tsv"
+    manifest.write_text(manifest.read_text().replace("sub-normal0000_t2", "sub-normal0000_t1"))
+    assert main([*t2_run, "--overwrite"]) == 1
+    assert "holds scans of 2 contrasts by their names (3 t2, 1 t1); prepare a held-out cache of one contrast" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_real_side_prepared_another_way_than_the_training_data_is_refused(tmp_path, capsys):
