@@ -26,7 +26,7 @@ from alphagan.checkpoint import open_checkpoint
 from alphagan.config import CONTRASTS, EVALUATE_DEFAULTS, EVALUATE_LEAST, Config
 from alphagan.data.cache import Settings, load_cache, read_manifest, read_settings
 from alphagan.data.dataset import Source, load_training_volumes, same_data
-from alphagan.data.prepare import SameImages, contrasts_of, mixed_contrasts, same_image_text
+from alphagan.data.prepare import SameImages, cache_contrasts, mixed_contrasts, same_image_text
 from alphagan.data.space import SYNTHETIC_MARK, cube_affine, synthetic_origin
 from alphagan.device import free_memory, pick_device
 from alphagan.folders import amount, check_space, claim, staged
@@ -340,7 +340,7 @@ def _wrong_real_side(
     anatomy at any size), or it is another kind of data than a model learned (synthetic kind, contrast), or
     `contrast` is not the real side's own (`named_contrast`). `digests`: the runs' records of their training caches,
     which know a training cache that has since moved."""
-    if not source.synthetic and (mixed := mixed_contrasts([Path(r["source"]) for r in read_manifest(source.cache)])):
+    if not source.synthetic and (mixed := mixed_contrasts(cache_contrasts(source.cache))):
         return f"--real {source}: holds {mixed}; prepare a held-out cache of one contrast (prepare --modality)"
     named = named_contrast(source)
     if named is not None and contrast != named:
@@ -414,7 +414,7 @@ def named_contrast(source: Source) -> str | None:
         return source.contrast
     if not (source.cache / "manifest.tsv").exists():
         return None
-    said = set(contrasts_of([Path(row["source"]) for row in read_manifest(source.cache)]))
+    said = set(cache_contrasts(source.cache))
     return said.pop() if len(said) == 1 and said <= set(CONTRASTS) else None
 
 

@@ -213,12 +213,12 @@ def _check_same_run(saved: Config, cfg: Config, where: Path) -> None:
 
 
 def check_resume_settings(out: Path, cfg: Config) -> None:
-    """Refuse `--resume` with settings that differ from the run's (its config.json, or its newest checkpoint), before
-    any work: a synthetic cohort at another size took seconds to minutes to make before `restore` refused it."""
-    settings = run_settings(out)
+    """Refuse `--resume` with settings that differ from the run's config.json, before any work: a synthetic cohort
+    at another size took seconds to minutes to make before `restore` refused it. A run without config.json is
+    checked by `restore`, against the checkpoint it loads anyway."""
+    settings = run_settings(out) if (out / CONFIG).exists() else None
     if settings is not None:
-        where = out / CONFIG if (out / CONFIG).exists() else checkpoints_of(out)
-        _check_same_run(settings[0], cfg, where)
+        _check_same_run(settings[0], cfg, out / CONFIG)
 
 
 def load_init(init: str | Path, cfg: Config, nets) -> Path:

@@ -35,9 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from alphagan import metrics, runs
 from alphagan.checkpoint import load_newest, save_checkpoint
 from alphagan.config import Config
-from alphagan.data.cache import read_manifest
 from alphagan.data.dataset import Batches, Source, load_training_volumes
-from alphagan.data.prepare import mixed_contrasts
+from alphagan.data.prepare import cache_contrasts, mixed_contrasts
 from alphagan.device import (
     Graphed,
     describe,
@@ -125,7 +124,7 @@ def _check_data(cfg: Config, source: Source) -> None:
     """Refuse, before the run folder is claimed, a `source` without one batch at the run's size, or a cache whose
     scans' names say several contrasts (prepared before `prepare` refused them)."""
     count = cfg.n_subjects if source.synthetic else len(load_training_volumes(source, cfg.size, cfg.n_subjects)[0])
-    if not source.synthetic and (mixed := mixed_contrasts([Path(r["source"]) for r in read_manifest(source.cache)])):
+    if not source.synthetic and (mixed := mixed_contrasts(cache_contrasts(source.cache))):
         raise ValueError(
             f"{source}: holds {mixed}, and a model learns one; prepare a cache of one contrast (prepare --modality)"
         )

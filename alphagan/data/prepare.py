@@ -305,10 +305,11 @@ def _one_contrast(src: str, files: list[Path], modality: str | None) -> list[Ent
         return mod in path.name.lower()
 
     chosen = [p for p in files if taken(p)]
-    if mixed := mixed_contrasts(chosen):
+    counts = contrasts_of(chosen)
+    if mixed := mixed_contrasts(counts):
         raise ValueError(
             f"{src}: holds {mixed}; a cache holds one, so that a model learns one contrast and counts each subject "
-            f"once: give --modality {' or --modality '.join(sorted(filter(None, contrasts_of(chosen))))}"
+            f"once: give --modality {' or --modality '.join(sorted(filter(None, counts)))}"
         )
     return [Entry(str(p), _stem(p), -1) for p in chosen]
 
@@ -318,10 +319,15 @@ def contrasts_of(paths: list[Path]) -> collections.Counter:
     return collections.Counter(contrast_of(p) for p in paths)
 
 
-def mixed_contrasts(paths: list[Path]) -> str | None:
-    """What `paths` hold when their names say more than one contrast ("scans of 2 contrasts by their names (3 t1,
-    3 t2)"), else None."""
-    counts = {c: n for c, n in contrasts_of(paths).items() if c is not None}
+def cache_contrasts(cache: Path) -> collections.Counter:
+    """`contrasts_of` the inputs a cache was prepared from (its manifest's sources): a cache records no contrast."""
+    return contrasts_of([Path(row["source"]) for row in read_manifest(cache)])
+
+
+def mixed_contrasts(counts: collections.Counter) -> str | None:
+    """What scans hold whose names say more than one contrast (`contrasts_of`): "scans of 2 contrasts by their
+    names (3 t1, 3 t2)"; else None."""
+    counts = {c: n for c, n in counts.items() if c is not None}
     if len(counts) < 2:
         return None
     said = ", ".join(f"{n} {c}" for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
@@ -596,8 +602,7 @@ DARK_EDGE = 0.1  # the image's edge brighter than this fraction of the brain's b
 def check_background(data: np.ndarray, percentile: float) -> None:
     """Refuse a scan whose background is not dark (the normalisation maps 0 to the background's -1): an inverted
     image, or one whose background was never removed, would put a bright frame into the training set."""
-    faces = [np.moveaxis(data, axis, 0)[end].ravel() for axis in range(3) for end in (0, -1)]
-    edge = float(np.median(np.concatenate(faces)))
+    edge = float(np.median(np.concatenate([data[face].ravel() for face in _faces(data.ndim)])))
     every_other = data[::2, ::2, ::2]  # an eighth of the voxels estimate the bright end well enough here
     top = float(np.percentile(every_other[every_other > 0], percentile))
     if edge > DARK_EDGE * top:
@@ -902,16 +907,29 @@ class SameImages:
         self.signatures: list[np.ndarray] = []
 
     def add(self, row: int) -> None:
-        signature = _signature(np.asarray(self.volumes[row]))
+        self._insert(row, _signature(np.asarray(self.volumes[row])))
+
+    def find(self, volume: np.ndarray) -> tuple[int, float] | None:
+        """The earliest row added that is the same image as `volume`, and their largest voxel difference."""
+        volume = np.asarray(volume)
+        return self._match(volume, _signature(volume))
+
+    def find_or_add(self, row: int) -> tuple[int, float] | None:
+        """`find` for the volume of `row`, which is added where it is no image added before."""
+        volume = np.asarray(self.volumes[row])
+        signature = _signature(volume)
+        found = self._match(volume, signature)
+        if found is None:
+            self._insert(row, signature)
+        return found
+
+    def _insert(self, row: int, signature: np.ndarray) -> None:
         at = bisect.bisect(self.means, float(signature.mean()))
         self.means.insert(at, float(signature.mean()))
         self.rows.insert(at, row)
         self.signatures.insert(at, signature)
 
-    def find(self, volume: np.ndarray) -> tuple[int, float] | None:
-        """The earliest row added that is the same image as `volume`, and their largest voxel difference."""
-        volume = np.asarray(volume)
-        signature = _signature(volume)
+    def _match(self, volume: np.ndarray, signature: np.ndarray) -> tuple[int, float] | None:
         mean = float(signature.mean())  # the volume's: its blocks are of one size
         low = bisect.bisect_left(self.means, mean - SAME_IMAGE)
         high = bisect.bisect_right(self.means, mean + SAME_IMAGE)
@@ -939,9 +957,8 @@ def _same_images(volumes: np.ndarray, ok: list[bool], entries: list[Entry]) -> l
     for row, entry in enumerate(entries):
         if not ok[row]:
             continue
-        found = index.find(volumes[row])
+        found = index.find_or_add(row)
         if found is None:
-            index.add(row)
             continue
         other, gap = found
         ok[row] = False
